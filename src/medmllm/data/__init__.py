@@ -1,0 +1,4 @@
+"""The data layer: files -> (array, metadata) -> preprocessing -> instruction records.
+
+Knows nothing of models: it yields numpy arrays, metadata dicts and JSONL records.
+"""
