@@ -2,14 +2,95 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import List, Optional
+
 import typer
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="medmllm: medical multimodal LLMs — data, models, training, evaluation, serving.")
+from medmllm.errors import MedmllmError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False,
+                  help="medmllm: medical multimodal LLMs — data, models, training, evaluation, serving.")
+
+
+def _fail(exc: Exception) -> None:
+    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=2)
 
 
 @app.callback()
 def _main() -> None:
     """medmllm command line."""
+
+
+@app.command("read")
+def read_cmd(
+    path: Path = typer.Argument(..., help="A DICOM/NIfTI/PNG/JPEG/TIFF/WFDB/CSV/JSON file or a DICOM series folder."),
+    reader: Optional[str] = typer.Option(None, help="Force a reader by name (default: detect from content)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the metadata as JSON."),
+) -> None:
+    """Read a medical file the way the models will see it and print its shape and metadata."""
+    import numpy as np
+
+    from medmllm.data.readers import read
+
+    try:
+        arr, meta = read(path, reader=reader)
+    except MedmllmError as exc:
+        _fail(exc)
+    finite = arr[np.isfinite(arr)] if arr.dtype.kind == "f" else arr
+    summary = {"shape": list(arr.shape), "dtype": str(arr.dtype),
+               "min": float(finite.min()) if finite.size else None,
+               "max": float(finite.max()) if finite.size else None}
+    if as_json:
+        typer.echo(json.dumps({**summary, "meta": meta}, indent=2, default=str))
+        return
+    typer.echo(f"{meta['path']}: {meta['format']} {meta['kind']} shape={tuple(arr.shape)} dtype={arr.dtype} "
+               f"range=[{summary['min']}, {summary['max']}]")
+    for key, value in meta.items():
+        if key in ("path", "format", "kind", "affine"):
+            continue
+        text = json.dumps(value, default=str)
+        typer.echo(f"  {key}: {text if len(text) < 120 else text[:117] + '...'}")
+
+
+@app.command("convert")
+def convert_cmd(
+    name: str = typer.Argument(..., help="Dataset converter: vqa_rad, slake, pathvqa, pmc_vqa, mimic_cxr, iu_xray."),
+    src: Path = typer.Option(..., "--src", help="Folder holding the dataset's official files."),
+    out: Path = typer.Option(..., "--out", help="Output JSONL; a split manifest is written next to it."),
+    splits: Optional[List[str]] = typer.Option(None, "--split", help="Only these splits/source files (repeatable)."),
+    limit: Optional[int] = typer.Option(None, help="Convert at most this many items (for a quick look)."),
+) -> None:
+    """Convert a public medical dataset's local files to medmllm's instruction format."""
+    from medmllm.data.converters import convert
+
+    try:
+        report = convert(name, src, out, splits=splits, limit=limit)
+    except MedmllmError as exc:
+        _fail(exc)
+    typer.echo(str(report))
+
+
+@app.command("phantoms")
+def phantoms_cmd(
+    out: Path = typer.Option(Path("data/medphantom"), "--out", help="Output folder."),
+    n: int = typer.Option(2000, "--n", min=1, help="Number of cases (patients)."),
+    seed: int = typer.Option(0, "--seed", help="Random seed: same seed, byte-identical output."),
+    workers: Optional[int] = typer.Option(None, help="Worker processes (default: up to 2)."),
+) -> None:
+    """Generate MedPhantom: a seeded synthetic medical dataset with exact ground truth."""
+    from medmllm.data.phantoms.build import build_phantoms
+
+    try:
+        summary = build_phantoms(out, n, seed=seed, workers=workers)
+    except MedmllmError as exc:
+        _fail(exc)
+    typer.echo(json.dumps({k: v for k, v in summary.items() if k != "failed"}, indent=2, default=str))
+    failed = summary.get("failed") or []
+    if failed:
+        typer.secho(f"{len(failed)} case(s) failed and were skipped; see {out}/build_report.json", fg=typer.colors.YELLOW, err=True)
 
 
 if __name__ == "__main__":
