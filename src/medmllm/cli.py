@@ -62,12 +62,17 @@ def convert_cmd(
     out: Path = typer.Option(..., "--out", help="Output JSONL; a split manifest is written next to it."),
     splits: Optional[List[str]] = typer.Option(None, "--split", help="Only these splits/source files (repeatable)."),
     limit: Optional[int] = typer.Option(None, help="Convert at most this many items (for a quick look)."),
+    hash_files: bool = typer.Option(True, "--hash-files/--no-hash-files",
+                                    help="Include image bytes in the manifest hashes (slow for very large datasets)."),
+    lang: Optional[str] = typer.Option(None, help="SLAKE only: en, zh or both."),
+    section: Optional[str] = typer.Option(None, help="MIMIC-CXR only: findings, impression or both."),
 ) -> None:
     """Convert a public medical dataset's local files to medmllm's instruction format."""
     from medmllm.data.converters import convert
 
     try:
-        report = convert(name, src, out, splits=splits, limit=limit)
+        options = {k: v for k, v in (("lang", lang), ("section", section)) if v is not None}
+        report = convert(name, src, out, splits=splits, limit=limit, hash_files=hash_files, **options)
     except MedmllmError as exc:
         _fail(exc)
     typer.echo(str(report))
