@@ -69,13 +69,17 @@ def guard(path: str | os.PathLike, fn: Callable[[], Any], what: str) -> Any:
     """Run ``fn``; turn any non-InputError exception into an InputError naming ``path``.
 
     Readers wrap third-party calls with this so callers only ever see InputError.
-    MemoryError is converted as well (a file must never be able to exhaust memory).
+    MemoryError is converted as well (a file must never be able to exhaust memory), and so
+    are BaseExceptions raised by native decoders (e.g. a Rust codec's PanicException);
+    only KeyboardInterrupt, SystemExit and GeneratorExit pass through.
     """
     try:
         return fn()
     except InputError:
         raise
-    except (Exception, MemoryError) as exc:  # noqa: BLE001 - we re-raise typed
+    except (KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - we re-raise typed
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(path, f"{what}: {type(exc).__name__}: {msg[:300]}") from exc
 
