@@ -52,6 +52,34 @@ def _is_nifti_header(head: bytes) -> bool:
     return any(int.from_bytes(head[:4], order) in (348, 540) for order in ("little", "big"))
 
 
+def _float(cell: str) -> bool:
+    try:
+        float(cell)
+        return True
+    except ValueError:
+        return False
+
+
+def _detect_csv(p: Path, sep: str) -> str:
+    """Signal CSV: a ``# fs=`` comment, or a time/sample first column with numeric data and no
+    name/value columns. Everything else is EHR (long or wide format)."""
+    with open(p, "rb") as fh:
+        head = fh.read(8192).decode("utf-8", "replace").lstrip("\ufeff")
+    lines = [ln for ln in head.splitlines() if ln.strip()]
+    comments = [ln for ln in lines if ln.lstrip().startswith("#")]
+    rows = [[c.strip().strip('"').lower() for c in ln.split(sep)] for ln in lines if not ln.lstrip().startswith("#")]
+    if any("fs=" in c.replace(" ", "").lower() for c in comments):
+        return "signal_csv"
+    if not rows:
+        return "ehr_csv"
+    header = rows[0]
+    long_format = "name" in header and "value" in header
+    numeric_first = len(rows) > 1 and _float(rows[1][0])
+    if header[0] in _SIGNAL_CSV_FIRST_COLUMNS and numeric_first and not long_format:
+        return "signal_csv"
+    return "ehr_csv"
+
+
 def detect(path: str | os.PathLike) -> str:
     """Name of the reader for ``path``, from content first, then suffix.
 
@@ -82,9 +110,7 @@ def detect(path: str | os.PathLike) -> str:
         stripped = head.lstrip()
         return "fhir" if b'"resourceType"' in head and b"Bundle" in head and stripped[:1] == b"{" else "ehr_json"
     if name.endswith((".csv", ".tsv")):
-        first = head.decode("utf-8", "replace").lstrip("\ufeff").splitlines()[:1]
-        first_cell = first[0].split("," if name.endswith(".csv") else "\t")[0].strip().strip('"').lower() if first else ""
-        return "signal_csv" if first_cell in _SIGNAL_CSV_FIRST_COLUMNS else "ehr_csv"
+        return _detect_csv(p, "," if name.endswith(".csv") else "\t")
     raise UnsupportedFormatError(
         p, "unrecognised format: expected DICOM, NIfTI, PNG/JPEG/TIFF, WFDB (.hea), CSV or JSON/FHIR"
     )
