@@ -92,11 +92,16 @@ def phantoms_cmd(
         summary = build_phantoms(out, n, seed=seed, workers=workers)
     except MedmllmError as exc:
         _fail(exc)
-    typer.echo(json.dumps({k: v for k, v in summary.items() if k != "failed"}, indent=2, default=str))
+    mods = ", ".join(f"{k} {v}" for k, v in summary.get("modalities", {}).items())
+    splits = ", ".join(f"{k} {v}" for k, v in summary.get("splits", {}).items())
+    typer.echo(f"MedPhantom: {summary.get('n')} cases (seed {summary.get('seed')}) in {summary.get('seconds', 0):.1f} s -> {out}")
+    typer.echo(f"  cases:   {mods} (+{summary.get('counterfactual_pairs', 0)} counterfactual twins)")
+    typer.echo(f"  records: {splits}; alignment {summary.get('alignment', 0)}  -> {out / 'records'}")
+    typer.echo(f"  datasheet: {out / 'DATASHEET.md'}   summary: {out / 'summary.json'}")
     failed = summary.get("failed") or []
     if failed:
-        typer.secho(f"{len(failed)} case(s) failed and were skipped; see {out}/build_report.json", fg=typer.colors.YELLOW, err=True)
-
+        typer.secho(f"  {len(failed)} case(s) failed and were skipped (listed in summary.json); first: {failed[0]}",
+                    fg=typer.colors.YELLOW, err=True)
 
 if __name__ == "__main__":
     app()

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medmllm.errors import ConfigError
 from medmllm.io import write_json, write_jsonl
 from medmllm.data.records import write_manifest, write_records
 
@@ -360,7 +361,8 @@ def balance_records(records: list[dict]) -> tuple[list[dict], dict[str, int]]:
     """Balance answers per (split, template); returns (records in their order, {template: dropped}).
 
     ``exact`` templates: each answer of the template's answer set (the observed set when it
-    has none) is cut to the count of the rarest one in that split, keeping the records whose
+    has none) is cut to the count of the rarest answer present in that split (at least two
+    answers must be present, else the split keeps none of the template), keeping the records whose
     id hashes lowest; counterfactual-pair records (one "yes", one "no" per pair) always stay.
     ``letters`` templates (choice): nothing is dropped; in id-hash order the correct option
     is moved to A, B, C, D, A, ... so letter counts differ by at most one per split.
@@ -383,7 +385,10 @@ def balance_records(records: list[dict]) -> tuple[list[dict], dict[str, int]]:
     dropped: Counter = Counter()
     for split, tpl in sorted({(s, t) for s, t, _ in groups}):
         answers = TEMPLATES[tpl].answer_set or tuple(sorted(observed[tpl]))
-        cap = min(len(groups.get((split, tpl, a), [])) for a in answers)
+        # Equalise the answers present in this split (an answer absent from a small split must
+        # not wipe the template out); a split with a single answer present keeps none of it.
+        present = [len(groups[(split, tpl, a)]) for a in answers if groups.get((split, tpl, a))]
+        cap = min(present) if len(present) >= 2 else 0
         for a in sorted({a for s, t, a in groups if s == split and t == tpl}):
             for r in sorted(groups[(split, tpl, a)], key=_id_hash)[cap:]:
                 drop.add(r["id"])
@@ -409,11 +414,11 @@ def build_phantoms(out_dir: str | os.PathLike, n: int, seed: int = 0, *, workers
 
     t0 = time.perf_counter()
     if not isinstance(n, int) or n < 1:
-        raise ValueError(f"n: expected an integer >= 1, got {n!r}")
+        raise ConfigError(f"n: expected an integer >= 1, got {n!r}")
     mods = tuple(m for m in MODALITIES if m in set(modalities or MODALITIES))
     unknown = sorted(set(modalities or ()) - set(MODALITIES))
     if unknown or not mods:
-        raise ValueError(f"modalities: expected a non-empty subset of {MODALITIES}, got {modalities!r}")
+        raise ConfigError(f"modalities: expected a non-empty subset of {MODALITIES}, got {modalities!r}")
     workers = int(workers or min(2, os.cpu_count() or 1))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
