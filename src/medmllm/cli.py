@@ -84,6 +84,7 @@ def phantoms_cmd(
     n: int = typer.Option(2000, "--n", min=1, help="Number of cases (patients)."),
     seed: int = typer.Option(0, "--seed", help="Random seed: same seed, byte-identical output."),
     workers: Optional[int] = typer.Option(None, help="Worker processes (default: up to 2)."),
+    gallery: bool = typer.Option(True, "--gallery/--no-gallery", help="Draw gallery.png with example cases."),
 ) -> None:
     """Generate MedPhantom: a seeded synthetic medical dataset with exact ground truth."""
     from medmllm.data.phantoms.build import build_phantoms
@@ -98,6 +99,13 @@ def phantoms_cmd(
     typer.echo(f"  cases:   {mods} (+{summary.get('counterfactual_pairs', 0)} counterfactual twins)")
     typer.echo(f"  records: {splits}; alignment {summary.get('alignment', 0)}  -> {out / 'records'}")
     typer.echo(f"  datasheet: {out / 'DATASHEET.md'}   summary: {out / 'summary.json'}")
+    if gallery:
+        from medmllm.data.phantoms.gallery import write_gallery
+
+        try:
+            typer.echo(f"  gallery: {write_gallery(out)}")
+        except Exception as exc:  # a picture must never fail a finished build
+            typer.secho(f"  gallery not drawn: {type(exc).__name__}: {exc}", fg=typer.colors.YELLOW, err=True)
     failed = summary.get("failed") or []
     if failed:
         typer.secho(f"  {len(failed)} case(s) failed and were skipped (listed in summary.json); first: {failed[0]}",
