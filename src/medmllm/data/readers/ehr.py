@@ -315,6 +315,13 @@ def _load_json(path: str | os.PathLike) -> tuple[Path, Any]:
 def read_ehr_json(path: str | os.PathLike) -> base.ReadResult:
     """Read medmllm's EHR JSON (see the module docstring) -> ``((T, F) float32, meta)``."""
     p, doc = _load_json(path)
+    return parse_ehr_json(doc, p)
+
+
+def parse_ehr_json(doc: Any, where: str | os.PathLike = "<inline ehr>") -> base.ReadResult:
+    """Same as :func:`read_ehr_json` for an already-parsed object (e.g. a record's inline ``data``);
+    ``where`` names it in errors."""
+    p = Path(where)
     if not isinstance(doc, dict):
         raise InputError(p, f"expected a JSON object at the top level, got {type(doc).__name__}")
     tab = _Table(p, "ehr_json")
