@@ -1,0 +1,276 @@
+"""Recipe for the `alignment` and `instruction` stages: setup -> train -> save -> cleanup.
+
+* ``alignment``: encoders and LLM frozen; the projectors learn to map encoder features into the
+  LLM's embedding space on caption pairs.
+* ``instruction``: projectors + LLM trained (full, or LoRA through peft with projector weights
+  saved alongside); encoders frozen unless ``optim.encoder_lr > 0``.
+
+Config (YAML + ``key=value`` overrides, see :class:`SFTConfig`)::
+
+    stage: instruction
+    run_dir: runs/instruction
+    model: {path: runs/alignment/model}          # or {builder: small, family: llama}
+    data: {train: [data/medphantom/records/train.jsonl], max_length: 256}
+    optim: {lr: 3.0e-4, projector_lr: 1.0e-3}
+    train: {max_steps: 1000, mixed_precision: bf16}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import math
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+
+from medmllm.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    path: Optional[str] = None            # a saved MedMLLM folder (model + tokenizer); else build one:
+    builder: str = "small"                # BUILDERS name: tiny | small | from_hub
+    family: str = "llama"
+    projector: str = "mlp"
+
+
+@dataclasses.dataclass
+class DataConfig:
+    train: list = dataclasses.field(default_factory=list)     # JSONL files of instruction records
+    weights: Optional[list] = None                            # mixing weights (default: by size)
+    tasks: Optional[list] = None                              # keep only these meta.task values
+    exclude_tasks: list = dataclasses.field(default_factory=list)
+    max_length: int = 256
+    truncation: Literal["drop", "shorten_text"] = "drop"
+    image_size: int = 128
+    image_channels: int = 1
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    lr: float = 3e-4                      # LLM
+    projector_lr: float = 1e-3
+    encoder_lr: float = 0.0               # 0 = encoders frozen
+    weight_decay: float = 0.0
+    warmup_steps: int = 20
+    schedule: Literal["cosine", "constant"] = "cosine"
+
+
+@dataclasses.dataclass
+class LoraConfig:
+    enabled: bool = False
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+
+
+@dataclasses.dataclass
+class SFTTrain:
+    max_steps: int = 200
+    batch_size: int = 16
+    grad_accum: int = 1
+    log_every: int = 10
+    ckpt_every: int = 0
+    keep_last: int = 2
+    mixed_precision: Literal["no", "bf16"] = "bf16"
+    grad_clip: Optional[float] = 1.0
+    seed: int = 0
+    gradient_checkpointing: bool = False
+    tensorboard: bool = True
+
+
+@dataclasses.dataclass
+class SFTConfig:
+    stage: Literal["alignment", "instruction"]
+    run_dir: str
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
+    train: SFTTrain = dataclasses.field(default_factory=SFTTrain)
+    resume: bool = True
+
+
+# ----------------------------------------------------------------------------- setup
+
+def load_model(cfg: ModelConfig):
+    """A saved MedMLLM + its tokenizer (``path``), or a fresh one from a builder."""
+    from medmllm.model.builders import BUILDERS
+    from medmllm.model.mllm import MedMLLM
+
+    if cfg.path:
+        from medmllm.data.tokenizers import load_tokenizer
+
+        path = Path(cfg.path)
+        if not (path / "config.json").exists():
+            raise ConfigError(f"model.path: {path} holds no saved model (config.json missing)")
+        return MedMLLM.from_pretrained(path), load_tokenizer(path)
+    return BUILDERS.get(cfg.builder)(family=cfg.family, projector=cfg.projector)
+
+
+def set_stage_trainable(model, stage: str, optim: OptimConfig) -> dict[str, float]:
+    """Freeze/unfreeze module groups for ``stage``; returns the learning rate per group pattern."""
+    model.set_trainable("*", False)
+    model.set_trainable("projector.*", True)
+    lrs = {"projector.*": optim.projector_lr}
+    if stage == "instruction":
+        model.set_trainable("llm", True)
+        lrs["llm"] = optim.lr
+        if optim.encoder_lr > 0:
+            model.set_trainable("encoder.*", True)
+            lrs["encoder.*"] = optim.encoder_lr
+    return lrs
+
+
+def load_records(data: DataConfig) -> tuple[list[dict], list[Path], str]:
+    """Records of every training file (filtered by task), their base folders, and a data hash."""
+    from medmllm.data.records import read_records
+
+    if not data.train:
+        raise ConfigError("data.train: expected at least one JSONL file")
+    records, bases, h = [], [], hashlib.sha256()
+    for f in data.train:
+        path = Path(f)
+        if not path.is_file():
+            raise ConfigError(f"data.train: {path} does not exist")
+        recs, report = read_records(path, on_error="skip")
+        for err in report.errors[:5]:
+            log.warning("skipped: %s", err)
+        keep = [r for r in recs if (data.tasks is None or r["meta"].get("task") in data.tasks)
+                and r["meta"].get("task") not in data.exclude_tasks]
+        records += keep
+        bases += [path.parent] * len(keep)
+        h.update(f"{path}:{len(keep)}:".encode())
+        h.update(path.read_bytes())
+    if not records:
+        raise ConfigError(f"data: no records left after task filters in {data.train}")
+    return records, bases, h.hexdigest()
+
+
+class _MultiBaseDataset(torch.utils.data.Dataset):
+    """RecordDataset over records from several files (each with its own base folder)."""
+
+    def __init__(self, records, bases, loader):
+        from medmllm.data.dataset import RecordDataset
+
+        self.parts = {}
+        self.index = []
+        for base in dict.fromkeys(bases):
+            idx = [i for i, b in enumerate(bases) if b == base]
+            self.parts[base] = RecordDataset([records[i] for i in idx], loader, base_dir=base)
+            self.index += [(base, j) for j in range(len(idx))]
+
+    def __len__(self):
+        return len(self.index)
+
+    def __getitem__(self, i):
+        base, j = self.index[i]
+        return self.parts[base][j]
+
+
+def modality_shapes_of(shapes) -> dict[str, tuple[int, ...]]:
+    """Input tensor shape per kind (no batch dim) as :class:`~medmllm.data.dataset.PartLoader` yields it."""
+    return {"image": (shapes.image_channels, shapes.image_size, shapes.image_size),
+            "volume": (1, *shapes.volume_shape),
+            "signal": (len(shapes.signal_leads), shapes.signal_samples),
+            "ehr": (len(shapes.ehr_features), 2)}
+
+
+def estimate_lengths(records: list[dict], model, tokenizer, shapes) -> list[int]:
+    """Token length of each record without loading its files: text tokens + modality tokens."""
+    from medmllm.data.collate import flatten_messages
+
+    per_kind = {k: model.num_tokens(k, shape) for k, shape in modality_shapes_of(shapes).items() if k in model.encoders}
+    out = []
+    for r in records:
+        text = " ".join(m["content"] for m in flatten_messages(r["messages"], "\n"))
+        n_text = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        n_mod = sum(per_kind.get(p["type"], 0) for m in r["messages"] if isinstance(m["content"], list)
+                    for p in m["content"] if p["type"] != "text")
+        out.append(n_text + n_mod)
+    return out
+
+
+def make_scheduler(optimizer, optim: OptimConfig, max_steps: int):
+    def factor(step: int) -> float:
+        if step < optim.warmup_steps:
+            return (step + 1) / max(1, optim.warmup_steps)
+        if optim.schedule == "constant":
+            return 1.0
+        progress = (step - optim.warmup_steps) / max(1, max_steps - optim.warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def lm_loss(model, batch) -> torch.Tensor:
+    keys = ("input_ids", "attention_mask", "labels", "modality_inputs", "modality_batch_index")
+    return model(**{k: batch[k] for k in keys if k in batch}).loss
+
+
+# ----------------------------------------------------------------------------- the recipe
+
+def run(cfg: SFTConfig, progress: bool = True) -> dict:
+    """Train one stage; the model and tokenizer end up in ``run_dir/model``. Returns a summary."""
+    from medmllm.data.collate import MultimodalCollator
+    from medmllm.data.dataset import ModalityShapes, PartLoader, skip_bad_items
+    from medmllm.train.engine import LengthGroupedBatchSampler, TrainLoop, make_accelerator, make_loader_factory
+    from medmllm.train.engine import seed_everything
+
+    # setup ------------------------------------------------------------------
+    run_dir = Path(cfg.run_dir)
+    seed_everything(cfg.train.seed)
+    records, bases, data_hash = load_records(cfg.data)           # bad data fails before any training
+    model, tokenizer = load_model(cfg.model)
+    lrs = set_stage_trainable(model, cfg.stage, cfg.optim)
+    if cfg.lora.enabled:
+        if cfg.stage != "instruction":
+            raise ConfigError("lora.enabled: LoRA applies to the instruction stage only")
+        from medmllm.model.lora import apply_lora
+
+        apply_lora(model, targets={"llm": dict(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout)})
+    groups = model.param_groups(lrs, default_lr=cfg.optim.lr)
+    optimizer = torch.optim.AdamW([{"params": g["params"], "lr": g["lr"]} for g in groups],
+                                  weight_decay=cfg.optim.weight_decay)
+    scheduler = make_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
+    shapes = ModalityShapes(image_size=cfg.data.image_size, image_channels=cfg.data.image_channels)
+    dataset = _MultiBaseDataset(records, bases, PartLoader(shapes, cache_items=20000))
+    collate = skip_bad_items(MultimodalCollator(tokenizer, max_length=cfg.data.max_length,
+                                                num_tokens_fn=model.num_tokens, truncation=cfg.data.truncation))
+    acc = make_accelerator(cfg.train.mixed_precision, cfg.train.grad_accum)
+    sampler = LengthGroupedBatchSampler(estimate_lengths(records, model, tokenizer, shapes), cfg.train.batch_size,
+                                        seed=cfg.train.seed, num_replicas=acc.num_processes, rank=acc.process_index)
+    t = cfg.train
+    loop = TrainLoop(model, optimizer, scheduler, make_loader_factory(dataset, sampler, collate), lm_loss,
+                     run_dir=run_dir, max_steps=t.max_steps, grad_accum=t.grad_accum, log_every=t.log_every,
+                     ckpt_every=t.ckpt_every, keep_last=t.keep_last, mixed_precision=t.mixed_precision,
+                     grad_clip=t.grad_clip, seed=t.seed, gradient_checkpointing=t.gradient_checkpointing,
+                     tensorboard=t.tensorboard, accelerator=acc, config=cfg, manifest_hash=data_hash,
+                     progress=progress)
+    if cfg.resume:
+        loop.resume("latest")
+    log.info("%s: %d records, trainable groups %s", cfg.stage, len(records), [g["name"] for g in groups])
+    # train ------------------------------------------------------------------
+    result = loop.run()
+    # save -------------------------------------------------------------------
+    model = acc.unwrap_model(loop.model)
+    out = run_dir / "model"
+    if cfg.lora.enabled:
+        from medmllm.model.lora import merge, save_adapter
+
+        save_adapter(model, run_dir / "adapter")
+        model = merge(model)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    # cleanup ----------------------------------------------------------------
+    if dataset.parts:
+        skipped = sum(len(p.errors) for p in dataset.parts.values())
+        if skipped:
+            log.warning("%d record(s) skipped for unreadable files", skipped)
+    return {"stage": cfg.stage, "steps": result["step"], "loss": result["loss"], "model": str(out),
+            "records": len(records), "run_dir": str(run_dir)}
