@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from medmllm.errors import MedmllmError
+from medmllm.errors import ConfigError, MedmllmError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="medmllm: medical multimodal LLMs — data, models, training, evaluation, serving.")
@@ -110,6 +110,104 @@ def phantoms_cmd(
     if failed:
         typer.secho(f"  {len(failed)} case(s) failed and were skipped (listed in summary.json); first: {failed[0]}",
                     fg=typer.colors.YELLOW, err=True)
+
+@app.command("train")
+def train_cmd(
+    recipe: Path = typer.Argument(..., help="Recipe YAML (stage: alignment | instruction | encoder)."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides, e.g. train.max_steps=500"),
+) -> None:
+    """Run one training stage from a recipe YAML with key=value overrides."""
+    from medmllm.config import load_config, read_yaml
+
+    try:
+        raw = read_yaml(recipe)
+        stage = raw.get("stage") if isinstance(raw, dict) else None
+        for ov in overrides or []:
+            if ov.startswith("stage="):
+                stage = ov.split("=", 1)[1]
+        if stage in ("alignment", "instruction"):
+            from medmllm.train.sft import SFTConfig, run
+
+            summary = run(load_config(recipe, overrides or [], schema=SFTConfig))
+        elif stage == "encoder":
+            from medmllm.train.encoder_stage import run_from_config
+
+            summary = run_from_config(recipe, overrides or [])
+        else:
+            raise ConfigError(f"{recipe}: stage: expected alignment, instruction or encoder, got {stage!r}")
+    except MedmllmError as exc:
+        _fail(exc)
+    typer.echo(json.dumps(summary, indent=2, default=str))
+
+
+@app.command("quickstart")
+def quickstart_cmd(
+    out: Path = typer.Option(Path("runs/quickstart"), "--out", help="Where data, models and the report go."),
+    smoke: bool = typer.Option(False, "--smoke", help="The same path at toy size (about 3 minutes)."),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Generate MedPhantom, train encoder -> alignment -> instruction stages of the small model,
+    evaluate on held-out data with blank/noise ablations, write a report, and answer one question."""
+    import logging
+
+    from medmllm.quickstart import quickstart
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        res = quickstart(out, smoke=smoke, seed=seed)
+    except MedmllmError as exc:
+        _fail(exc)
+    h, a = res["headline"], res["ablation_check"]
+    pct = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"  # noqa: E731
+    typer.echo("")
+    typer.echo(f"medmllm quickstart finished in {res['seconds']['total'] / 60:.1f} min")
+    for k, v in h.items():
+        typer.echo(f"  {k.replace('_', ' '):24s} {pct(v['accuracy']):>7s}  (n={v['n']})")
+    typer.echo(f"  closed, real input {pct(a['closed_real'])} | blank {pct(a['closed_blank'])} | noise "
+               f"{pct(a['closed_noise'])} | text-only prior {pct(a['closed_text_only_prior'])}")
+    typer.echo(f"report:  {res['report']}")
+    typer.echo(f"results: {out / 'results.json'}")
+    ex = res["ask_example"]
+    typer.echo(f"\nTry it:  {ex['command']}")
+    typer.echo(f"  -> {ex['answer']!r} (ground truth: {ex['ground_truth']!r})")
+
+
+@app.command("ask")
+def ask_cmd(
+    question: str = typer.Argument(..., help="Your question."),
+    model: Optional[Path] = typer.Option(None, "--model", help="A saved medmllm model folder (default: the quickstart's)."),
+    image: Optional[List[Path]] = typer.Option(None, "--image", help="DICOM/PNG/JPEG/TIFF (repeatable)."),
+    volume: Optional[Path] = typer.Option(None, "--volume", help="NIfTI file or DICOM series folder."),
+    ecg: Optional[Path] = typer.Option(None, "--ecg", help="WFDB .hea or signal CSV."),
+    ehr: Optional[Path] = typer.Option(None, "--ehr", help="EHR JSON/CSV or FHIR Bundle."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
+) -> None:
+    """Ask a question about your own files with a trained medmllm model."""
+    from medmllm.data.tokenizers import load_tokenizer
+    from medmllm.eval.inprocess import predict
+    from medmllm.model.mllm import MedMLLM
+
+    model = model or Path("runs/quickstart/instruct/model")
+    if not (model / "config.json").exists():
+        _fail(ConfigError(f"--model: no trained model at {model}; run `medmllm quickstart` first or pass --model DIR"))
+    parts = [{"type": "image", "path": str(p.resolve())} for p in image or []]
+    for kind, p in (("volume", volume), ("signal", ecg), ("ehr", ehr)):
+        if p is not None:
+            parts.append({"type": kind, "path": str(p.resolve())})
+    rec = {"id": "ask", "stage": "instruction", "meta": {"dataset": "user", "split": "test"},
+           "messages": [{"role": "user", "content": parts + [{"type": "text", "text": question}]}]}
+    try:
+        m, tok = MedMLLM.from_pretrained(model), load_tokenizer(model)
+        missing = sorted({p["type"] for p in parts} - set(m.encoders))
+        if missing:
+            raise ConfigError(f"--model {model} has no encoder for {missing}; it takes {sorted(m.encoders)}")
+        answer = predict(m, tok, [rec], ".", max_new_tokens=max_new_tokens, progress=False)[0]
+    except MedmllmError as exc:
+        _fail(exc)
+    if answer is None:
+        _fail(ConfigError("the input files could not be read (see the warning above)"))
+    typer.echo(answer)
+
 
 if __name__ == "__main__":
     app()
