@@ -327,3 +327,22 @@ def test_set_trainable_freezes_groups_and_param_groups_carry_lrs():
         model.set_trainable("decoder", False)
     with pytest.raises(ConfigError):
         model.param_groups({"encoder.volume": 1e-4})
+
+
+def test_frozen_groups_stay_in_eval_mode_so_batchnorm_stats_do_not_move():
+    import torch
+
+    from medmllm.model.builders import example_input, tiny
+
+    model, _ = tiny(modalities=("image",))
+    model.set_trainable("encoder.*", False)
+    model.train()
+    assert not model.encoders["image"].training and model.projectors["image"].training and model.llm.training
+    stats = {k: v.clone() for k, v in model.encoders["image"].state_dict().items() if "running" in k}
+    assert stats
+    model.encoders["image"](example_input("image", torch.Generator().manual_seed(0))[None])
+    after = model.encoders["image"].state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in stats.items())
+    model.set_trainable("encoder.*", True)
+    model.train()
+    assert model.encoders["image"].training

@@ -389,6 +389,16 @@ class MedMLLM(PreTrainedModel):
             self.config.trainable[g] = bool(flag)
         return names
 
+    def train(self, mode: bool = True):
+        """Like ``nn.Module.train``, but a module group with no trainable parameter stays in eval mode:
+        a frozen encoder keeps its BatchNorm statistics and disables its dropout."""
+        super().train(mode)
+        if mode:
+            for module in self.groups().values():
+                if not any(p.requires_grad for p in module.parameters()):
+                    module.eval()
+        return self
+
     def param_groups(self, lrs: dict[str, float] | None = None, default_lr: float = 1e-4) -> list[dict]:
         """Optimizer parameter groups ``[{"name", "params", "lr"}]``: one per module group with trainable
         parameters. ``lrs`` maps a group name, prefix or glob to a learning rate; the most specific key
