@@ -155,12 +155,15 @@ def stage_encoder(out: Path, data: Path, tok, plan: QuickstartPlan, progress: bo
     return metrics
 
 
+_STAGE_DIRS = {"alignment": "align", "instruction": "instruct"}
+
+
 def stage_sft(out: Path, stage: str, model_path: Path, train_files: list[Path], steps: int, plan: QuickstartPlan,
               progress: bool, **optim) -> Path:
     from medmllm.config import load_config
     from medmllm.train.sft import SFTConfig, run
 
-    run_dir = out / stage
+    run_dir = out / _STAGE_DIRS[stage]
     if _done(run_dir / "model"):
         return run_dir / "model"
     cfg = load_config({"stage": stage, "run_dir": str(run_dir), "model": {"path": str(model_path)},
@@ -323,9 +326,9 @@ def quickstart(out: str | Path = "runs/quickstart", smoke: bool = False, seed: i
     data = timed("data", stage_data, out, plan, progress)
     tok = timed("tokenizer", stage_tokenizer, out, data)
     enc_metrics = timed("encoder", stage_encoder, out, data, tok, plan, progress)
-    aligned = timed("align", stage_sft, out, "align", out / "encoder" / "model", [data / "records" / "alignment.jsonl"],
+    aligned = timed("align", stage_sft, out, "alignment", out / "encoder" / "model", [data / "records" / "alignment.jsonl"],
                     plan.align_steps, plan, progress, projector_lr=1e-3, warmup_steps=10)
-    final = timed("instruct", stage_sft, out, "instruct", aligned, [data / "records" / "train.jsonl"],
+    final = timed("instruct", stage_sft, out, "instruction", aligned, [data / "records" / "train.jsonl"],
                   plan.instruct_steps, plan, progress, lr=3e-4, projector_lr=1e-3, warmup_steps=30)
     evaluation = timed("evaluate", stage_eval, out, data, final, plan, progress)
     example = timed("ask_example", ask_example, final, data)
