@@ -209,5 +209,104 @@ def ask_cmd(
     typer.echo(answer)
 
 
+def _load_medmllm(model_dir: Path):
+    """A saved MedMLLM (eval mode) and the tokenizer saved in the same folder."""
+    from medmllm.data.tokenizers import load_tokenizer
+    from medmllm.errors import InputError
+    from medmllm.model.mllm import MedMLLM
+
+    if not (model_dir / "config.json").is_file():
+        raise InputError(model_dir, "expected a folder written by MedMLLM.save_pretrained (with config.json), "
+                                    "found none")
+    return MedMLLM.from_pretrained(model_dir).eval(), load_tokenizer(model_dir)
+
+
+@app.command("export")
+def export_cmd(
+    model_dir: Path = typer.Argument(..., help="A saved MedMLLM (save_pretrained) with its tokenizer in the same folder."),
+    to: str = typer.Option("hf-llava", "--to", help="Target layout: hf-llava (LlavaForConditionalGeneration)."),
+    out: Path = typer.Option(..., "--out", help="Output folder (absent or empty)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output folder."),
+) -> None:
+    """Export a composed model to the Hugging Face Llava layout (what vLLM / SGLang serve)."""
+    try:
+        if to != "hf-llava":
+            raise ConfigError(f"--to: expected 'hf-llava', got {to!r}")
+        from medmllm.model.export import export_hf_llava
+
+        model, tokenizer = _load_medmllm(model_dir)
+        path = export_hf_llava(model, tokenizer, out, overwrite=overwrite)
+    except MedmllmError as exc:
+        _fail(exc)
+    cfg = json.loads((path / "config.json").read_text())
+    typer.echo(f"exported {model_dir} -> {path}: LlavaForConditionalGeneration ({cfg['vision_config']['model_type']} "
+               f"+ {cfg['text_config']['model_type']}, {cfg['image_seq_length']} image tokens, "
+               f"vision_feature_select_strategy={cfg['vision_feature_select_strategy']})")
+
+
+@app.command("inspect")
+def inspect_cmd(
+    model_dir: Path = typer.Argument(..., help="A saved MedMLLM (save_pretrained) with its tokenizer in the same folder."),
+    question: str = typer.Option(..., "--question", help="The question asked with the files."),
+    image: Optional[Path] = typer.Option(None, "--image", help="DICOM/PNG/JPEG/TIFF."),
+    volume: Optional[Path] = typer.Option(None, "--volume", help="NIfTI file or DICOM series folder."),
+    ecg: Optional[Path] = typer.Option(None, "--ecg", help="WFDB .hea or signal CSV."),
+    ehr: Optional[Path] = typer.Option(None, "--ehr", help="EHR JSON/CSV or FHIR Bundle."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw the flow as a PNG here."),
+    as_json: Optional[Path] = typer.Option(None, "--json", help="Also write the flow as JSON here."),
+    max_new_tokens: int = typer.Option(8, "--max-new-tokens", min=1),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Image side for a CNN encoder (a HF tower fixes it)."),
+    volume_shape: Optional[str] = typer.Option(None, "--volume-shape", help="D,H,W the volume is resized to."),
+    signal_samples: Optional[int] = typer.Option(None, "--signal-samples", help="ECG samples after resampling."),
+    signal_fs: Optional[float] = typer.Option(None, "--signal-fs", help="ECG sampling rate (Hz) fed to the encoder."),
+) -> None:
+    """Follow the feature vectors of your files through encoders -> projectors -> LLM.
+
+    Files are loaded with the shapes the model's encoders fix (image channels, a HF tower's image size,
+    ECG leads, EHR features: medmllm.model.inspect.modality_shapes_for); the free ones take
+    ModalityShapes' defaults unless given here (use the values the model was trained with).
+    """
+    from medmllm.data.collate import MultimodalCollator
+    from medmllm.data.dataset import PartLoader, RecordDataset
+    from medmllm.data.records import make_record, media
+    from medmllm.model.inspect import format_flow, inspect_flow, modality_shapes_for, plot_flow
+
+    try:
+        parts = [media(kind, str(p.resolve())) for kind, p in
+                 (("image", image), ("volume", volume), ("signal", ecg), ("ehr", ehr)) if p is not None]
+        if not parts:
+            raise ConfigError("give at least one of --image, --volume, --ecg, --ehr")
+        model, tokenizer = _load_medmllm(model_dir)
+        missing = sorted({p["type"] for p in parts} - set(model.encoders))
+        if missing:
+            raise ConfigError(f"{model_dir} has no encoder for {missing}; it takes {sorted(model.encoders)}")
+        shape = None
+        if volume_shape:
+            try:
+                shape = tuple(int(s) for s in volume_shape.split(","))
+            except ValueError:
+                raise ConfigError(f"--volume-shape: expected D,H,W integers, got {volume_shape!r}") from None
+        shapes = modality_shapes_for(model, image_size=image_size, volume_shape=shape,
+                                     signal_samples=signal_samples, signal_fs=signal_fs)
+        rec = make_record("inspect", parts + [question], None, {"dataset": "user", "split": "test"})
+        ds = RecordDataset([rec], PartLoader(shapes), base_dir=".")
+        example = ds[0]
+        if example is None:
+            raise ConfigError(f"the input files could not be read: {ds.errors[0]}")
+        collator = MultimodalCollator(tokenizer, 1 << 20, model.num_tokens, train=False)
+        flow = inspect_flow(model, collator([example]), tokenizer, max_new_tokens=max_new_tokens)
+        if plot is not None:
+            plot_flow(flow, plot)
+        if as_json is not None:
+            from medmllm.io import write_json
+
+            write_json(as_json, flow)
+    except MedmllmError as exc:
+        _fail(exc)
+    typer.echo(format_flow(flow))
+    if plot is not None:
+        typer.echo(f"\nplot: {plot}")
+
+
 if __name__ == "__main__":
     app()
