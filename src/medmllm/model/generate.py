@@ -114,6 +114,7 @@ def _decode_loop(model, inputs: dict, tokenizer, max_new_tokens: int, do_sample:
     out = llm(inputs_embeds=embeds, attention_mask=attention, position_ids=positions, use_cache=True,
               logits_to_keep=1)
     next_pos = positions[:, -1:] + 1                                          # [B, 1]
+    full_attention = attention is None or bool(attention.all())               # no padding: no mask needed
     finished = torch.zeros(b, dtype=torch.bool, device=embeds.device)         # [B]
     rows: list[list[int]] = [[] for _ in range(b)]
     for _ in range(max_new_tokens):
@@ -127,8 +128,9 @@ def _decode_loop(model, inputs: dict, tokenizer, max_new_tokens: int, do_sample:
                 finished[i] = _cut(tokenizer.decode(rows[i], skip_special_tokens=True), stop_strings)[1]
         if bool(finished.all()):
             break
-        attention = torch.cat([attention, attention.new_ones(b, 1)], dim=1)  # [B, L + t]
-        out = llm(input_ids=tok[:, None], attention_mask=attention, position_ids=next_pos,
-                  past_key_values=out.past_key_values, use_cache=True)
+        if not full_attention:  # padded rows: the mask must grow with the cache
+            attention = torch.cat([attention, attention.new_ones(b, 1)], dim=1)  # [B, L + t]
+        out = llm(input_ids=tok[:, None], attention_mask=None if full_attention else attention,
+                  position_ids=next_pos, past_key_values=out.past_key_values, use_cache=True)
         next_pos = next_pos + 1
     return rows
