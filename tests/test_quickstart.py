@@ -1,0 +1,53 @@
+"""The quickstart's scoring rules and baseline (hand-worked), and a micro end-to-end run (slow)."""
+
+import json
+
+import pytest
+
+from medmllm.quickstart import QuickstartPlan, prior_baseline, score, summarise
+
+
+@pytest.mark.parametrize("pred, meta, expected", [
+    ("Yes.", {"answer_type": "closed", "answer": "yes"}, 1),
+    ("  no ", {"answer_type": "closed", "answer": "yes"}, 0),
+    ("nodule", {"answer_type": "closed", "answer": "no"}, 0),           # no substring credit
+    ("left", {"answer_type": "open", "answer": "Left"}, 1),
+    ("left upper", {"answer_type": "open", "answer": "left"}, 0),
+    ("B", {"answer_type": "choice", "answer": "B"}, 1),
+    ("(c) liver", {"answer_type": "choice", "answer": "C"}, 1),
+    ("Answer: D", {"answer_type": "choice", "answer": "B"}, 0),
+    ("", {"answer_type": "closed", "answer": "no"}, 0),
+    (None, {"answer_type": "choice", "answer": "A"}, 0),
+])
+def test_score(pred, meta, expected):
+    assert score(pred, meta) == expected
+
+
+def _rec(tpl, modality, atype, answer):
+    return {"meta": {"modality": modality, "answer_type": atype, "answer": answer, "extra": {"template": tpl}}}
+
+
+def test_summary_groups_and_prior_baseline():
+    train = [_rec("xray_nodule_yn", "xray", "closed", a) for a in ("yes", "yes", "no")]
+    test = [_rec("xray_nodule_yn", "xray", "closed", a) for a in ("yes", "no", "no", "no")]
+    prior = prior_baseline(train, test)
+    assert prior == ["yes"] * 4                        # most frequent training answer of the template
+    s = summarise(test, prior)
+    assert s["by_modality_answer_type"]["xray/closed"] == {"accuracy": 0.25, "n": 4}
+    assert s["headline"]["closed_image_yes_no"] == {"accuracy": 0.25, "n": 4}
+    assert s["headline"]["ehr_rules"] == {"accuracy": None, "n": 0}
+
+
+@pytest.mark.slow
+def test_micro_quickstart_end_to_end(tmp_path):
+    from medmllm.quickstart import quickstart
+
+    plan = QuickstartPlan(n_cases=40, encoder_steps=4, encoder_batch=8, align_steps=2, instruct_steps=4,
+                          batch_size=8, eval_limit=16, eval_batch=16)
+    res = quickstart(tmp_path / "qs", plan=plan, progress=False)
+    saved = json.loads((tmp_path / "qs" / "results.json").read_text())
+    assert saved["protocol"]["name"] == "medphantom-exact"
+    assert set(saved["headline"]) >= {"closed_image_yes_no", "volume_lesion_presence", "ecg_rhythm", "ehr_rules"}
+    assert (tmp_path / "qs" / "report.md").exists() and (tmp_path / "qs" / "accuracy.png").exists()
+    assert (tmp_path / "qs" / "instruct" / "model" / "config.json").exists()
+    assert res["ask_example"]["command"].startswith("medmllm ask --model")
