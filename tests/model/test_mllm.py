@@ -53,7 +53,7 @@ SLOW_CASES = [(f, k, p) for f in ("qwen2", "gemma") for k, p in itertools.produc
               if (f, k, p) not in DEFAULT_CASES]
 
 
-def _forward_backward_generate(family, kind, projector):
+def _check_forward_backward_generate(family, kind, projector):
     model, tok = tiny(family, modalities=(kind,), projector=projector)
     assert model.num_tokens(kind, example_input(kind)) == PROJECTED[projector](ENCODER_TOKENS[kind])
     batch = collate(model, tok, [[kind], [kind, kind]])
@@ -71,13 +71,13 @@ def _forward_backward_generate(family, kind, projector):
 
 @pytest.mark.parametrize("family,kind,projector", DEFAULT_CASES)
 def test_forward_backward_generate(family, kind, projector):
-    _forward_backward_generate(family, kind, projector)
+    _check_forward_backward_generate(family, kind, projector)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family,kind,projector", SLOW_CASES)
 def test_forward_backward_generate_full_cross_product(family, kind, projector):
-    _forward_backward_generate(family, kind, projector)
+    _check_forward_backward_generate(family, kind, projector)
 
 
 # ----------------------------------------------------------------------------- scatter

@@ -13,8 +13,8 @@ from medmllm.data.phantoms.build import build_phantoms
 from medmllm.errors import ConfigError
 from medmllm.model.builders import tiny
 from medmllm.train.checkpoint import list_checkpoints
-from medmllm.train.encoder_stage import (EncoderHeads, EncoderStageConfig, TokenLayout, dense_losses, pool_features,
-                                         token_layout, train_encoders)
+from medmllm.train.encoder_stage import (EncoderHeads, EncoderStageConfig, MapLayout, dense_losses, map_layout,
+                                         pool_features, train_encoders)
 
 SHAPES = ModalityShapes(image_size=32, volume_shape=(8, 16, 16), signal_samples=500)
 
@@ -28,30 +28,42 @@ def test_pool_features_masked_mean_and_max_by_hand():
     assert torch.equal(pool_features(f, torch.zeros(2, 3, dtype=torch.bool)), torch.zeros(2, 4))
 
 
-def test_token_layout_targets_by_hand():
-    grid = TokenLayout(4, grid=2)
+def test_map_layout_targets_by_hand():
+    grid = MapLayout(channels=3, rows=2, cols=2)
     # a box in the top-right quarter only, then one across the vertical midline of the bottom half
     assert grid.targets((0.1, 0.6, 0.2, 0.7)).tolist() == [0, 1, 0, 0]
     assert grid.targets((0.7, 0.4, 0.8, 0.6)).tolist() == [0, 0, 1, 1]
     assert grid.targets(()).tolist() == [0, 0, 0, 0]
     assert torch.isnan(grid.targets(None)).all()
-    slices = TokenLayout(8, per_slice=2)
-    assert slices.targets((2 / 8, 5 / 8)).tolist() == [0, 0, 1, 1, 1, 0, 0, 0]
-    feats = torch.arange(2 * 17 * 3, dtype=torch.float32).view(2, 17, 3)   # 8 slices x 2 tokens + 1
-    assert torch.equal(slices.unit_features(feats), feats[:, 1:16:2])       # max of a slice = its 2nd token
+    vol = MapLayout(channels=3, rows=2, cols=2, depth=4)
+    # slices [0.3, 0.6) -> slices 1 and 2 of 4; the left half of the top row -> cell 0
+    want = [0] * 16
+    want[1 * 4 + 0] = want[2 * 4 + 0] = 1
+    assert vol.targets((0.3, 0.1, 0.1, 0.6, 0.4, 0.4)).tolist() == want
 
 
-def test_token_layouts_of_the_tiny_encoders():
+def test_map_layout_flatten_orders_depth_rows_cols():
+    vol = MapLayout(channels=2, rows=2, cols=3, depth=4)
+    fmap = torch.randn(5 * 4, 2, 2, 3)                                       # [B * D, C, h, w]
+    cells = vol.flatten(fmap, 5)                                             # [B, D*h*w, C]
+    assert cells.shape == (5, 24, 2)
+    assert torch.equal(cells[3, 2 * 6 + 1 * 3 + 2], fmap[3 * 4 + 2, :, 1, 2])  # item 3, slice 2, row 1, col 2
+
+
+def test_map_layouts_of_the_tiny_encoders():
     model, _ = tiny()
-    assert token_layout(model.encoders["image"], "image", SHAPES) == TokenLayout(4, grid=2)
-    assert token_layout(model.encoders["volume"], "volume", SHAPES) == TokenLayout(8, per_slice=2)
-    assert token_layout(model.encoders["signal"], "signal", SHAPES) is None
+    # tiny image CNN: depth 2 -> one stride-2 block: 32 px -> 16 x 16 cells of width 8 * 2
+    assert map_layout(model.encoders["image"], "image", SHAPES) == MapLayout(16, 16, 16)
+    # tiny slice CNN (width 4, depth 2) on 16 x 16 slices, 8 of them
+    assert map_layout(model.encoders["volume"], "volume", SHAPES) == MapLayout(8, 8, 8, depth=8)
+    assert map_layout(model.encoders["signal"], "signal", SHAPES) is None
+    assert not model.encoders["image"].training                               # the probe left eval mode alone
 
 
 def test_heads_shapes_and_dense_loss_masks_rows_not_applicable():
     heads = EncoderHeads({"image": 6}, {"image": {"a": 3, "r": 0}}, dense={"image": ("w",)},
-                         layouts={"image": TokenLayout(4, grid=2)})
-    out = heads("image", torch.randn(5, 5, 6), torch.ones(5, 5, dtype=torch.bool))
+                         layouts={"image": MapLayout(channels=5, rows=2, cols=2)})
+    out = heads("image", torch.randn(5, 5, 6), torch.ones(5, 5, dtype=torch.bool), torch.randn(5, 4, 5))
     assert {k: tuple(v.shape) for k, v in out.items()} == {"a": (5, 3), "r": (5, 1), "w": (5, 4)}
     target = torch.zeros(5, 1, 4)
     target[0, 0, 1] = 1.0
@@ -90,6 +102,7 @@ def _state(module) -> dict[str, torch.Tensor]:
 
 def test_train_encoders_trains_only_the_encoders(build, tmp_path):
     model, _ = tiny()
+    hooks = {k: len(m._forward_hooks) for k, m in model.named_modules()}
     llm, proj, enc = _state(model.llm), _state(model.projectors), _state(model.encoders)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     result = train_encoders(model, build, _cfg(build, tmp_path / "run"), shapes=SHAPES, progress=False)
@@ -102,10 +115,12 @@ def test_train_encoders_trains_only_the_encoders(build, tmp_path):
     assert flags == {n: p.requires_grad for n, p in model.named_parameters()}
     assert not model.encoders["image"].training                               # tiny() returns eval mode
     assert all(p.is_contiguous() for p in model.encoders.parameters())
+    assert hooks == {k: len(m._forward_hooks) for k, m in model.named_modules()}   # stem hooks removed
 
     assert result["kinds"] == ["image", "volume", "signal", "ehr"]
     assert set(result["val"]) == {"image", "volume", "signal", "ehr"}
     assert set(result["val"]["image"]) >= {"nodule_present", "ct_lesion_present", "ct_organ", "nodule_where"}
+    assert "lesion_where" in result["val"]["volume"]
     assert 0.0 <= result["val"]["ehr"]["fever"] <= 1.0 and result["val"]["signal"]["heart_rate"] >= 0.0
     assert result["steps"] == 12 and result["train_seconds"] > 0 and result["samples_per_s"] > 0
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

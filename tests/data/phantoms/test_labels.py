@@ -103,16 +103,19 @@ def test_regions_in_fractions_of_the_image_and_depth():
     nod = {"present": True, "side": "left", "zone": "upper", "center_rc": [32.0, 96.0], "diameter_px": 4.0}
     kind, regions = case_regions(_case("xray", _xray(nodule=nod)))
     assert kind == "image" and set(regions) == set(REGION_TASKS["image"])
-    assert regions["nodule_where"] == pytest.approx((30 / 128, 94 / 128, 34 / 128, 98 / 128))
+    # pixel 32 covers [31.5, 32.5) -> fraction 32.5 / 128 at its centre; radius 2 px
+    assert regions["nodule_where"] == pytest.approx((30.5 / 128, 94.5 / 128, 34.5 / 128, 98.5 / 128))
     assert regions["ct_lesion_where"] is None
     assert case_regions(_case("xray", _xray()))[1]["nodule_where"] == ()
     ct = {"modality": "ct", "organ": "head", "pixel_spacing_mm": 2.0,
           "findings": {"lesion": {"present": True, "side": "right", "diameter_mm": 10.0, "center_rc": [64, 40]}}}
     # radius 10 mm / 2 / 2 mm per px = 2.5 px
-    assert case_regions(_case("ct", ct))[1]["ct_lesion_where"] == pytest.approx(
-        (61.5 / 128, 37.5 / 128, 66.5 / 128, 42.5 / 128))
-    vol = {"modality": "ct3d", "shape": [32, 64, 64], "findings": {"lesion": {"present": True, "slice_range": [20, 25]}}}
-    assert case_regions(_case("ct3d", vol))[1] == {"lesion_slices": (20 / 32, 26 / 32)}
+    assert case_regions(_case("ct", ct))[1]["ct_lesion_where"] == pytest.approx((62 / 128, 38 / 128, 67 / 128, 43 / 128))
+    # sphere of 12 mm diameter, 2 mm in-plane voxels -> radius 3 voxels around voxel (30, 40) of 64 x 64
+    lesion = {"present": True, "slice_range": [20, 25], "center_dhw": [22, 30, 40], "diameter_mm": 12.0}
+    vol = {"modality": "ct3d", "shape": [32, 64, 64], "spacing_mm": [4.0, 2.0, 2.0], "findings": {"lesion": lesion}}
+    assert case_regions(_case("ct3d", vol))[1]["lesion_where"] == pytest.approx(
+        (20 / 32, 27.5 / 64, 37.5 / 64, 26 / 32, 33.5 / 64, 43.5 / 64))
     assert case_regions(_case("ecg", {}))[1] == {}
 
 

@@ -127,7 +127,7 @@ def _check_one(kind: str, seeds: list[Path], workdir: Path, pick: int, mut) -> N
     assert isinstance(arr, np.ndarray) and isinstance(meta, dict) and arr.size > 0
 
 
-def _make_test(kind: str, examples: int):
+def _make_check(kind: str, examples: int):
     @settings(max_examples=examples, deadline=None, derandomize=True, database=None,
               suppress_health_check=list(HealthCheck))
     @given(pick=st.integers(0, 10), mut=mutation)
@@ -153,11 +153,11 @@ def workdir(tmp_path_factory):
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("kind", KINDS)
 def test_fuzz_readers_raise_only_input_error(kind, seeds, workdir):
-    _make_test(kind, DEFAULT_EXAMPLES)(seeds, workdir)
+    _make_check(kind, DEFAULT_EXAMPLES)(seeds, workdir)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(3000)
 @pytest.mark.parametrize("kind", KINDS)
 def test_fuzz_readers_raise_only_input_error_long(kind, seeds, workdir):
-    _make_test(kind, SLOW_EXAMPLES)(seeds, workdir)
+    _make_check(kind, SLOW_EXAMPLES)(seeds, workdir)

@@ -144,7 +144,7 @@ def test_hf_builder_is_registered(tower_dirs):
 
 # ----------------------------------------------------------------------------- CNN
 
-def _finite_grads(module, loss):
+def _check_finite_grads(module, loss):
     loss.backward()
     for name, p in module.named_parameters():
         if p.requires_grad:
@@ -175,7 +175,7 @@ def test_cnn_grid_without_global_token():
 def test_cnn_grads_finite():
     torch.manual_seed(0)
     enc = tiny_cnn_image_encoder().train()
-    _finite_grads(enc, _weighted_loss(enc(torch.randn(2, 1, 32, 32)).features))
+    _check_finite_grads(enc, _weighted_loss(enc(torch.randn(2, 1, 32, 32)).features))
 
 
 def test_cnn_deterministic_with_seed():

@@ -17,7 +17,7 @@ def _weighted_loss(features):
     return (features * torch.randn(features.shape, generator=g)).sum()
 
 
-def _finite_grads(module, loss, skip=()):
+def _check_finite_grads(module, loss, skip=()):
     loss.backward()
     for name, p in module.named_parameters():
         if p.requires_grad and not name.startswith(skip):
@@ -70,7 +70,7 @@ def test_vit_rejects_too_many_tokens_and_too_small_input():
 def test_vit_grads_finite():
     torch.manual_seed(0)
     enc = _vit()
-    _finite_grads(enc, _weighted_loss(enc(_volume((2, 1, 16, 32, 32))).features))
+    _check_finite_grads(enc, _weighted_loss(enc(_volume((2, 1, 16, 32, 32))).features))
 
 
 def test_vit_deterministic_with_seed():
@@ -166,10 +166,10 @@ def test_slice_mask_excludes_padded_slices():
 def test_slice_grads_finite():
     enc = _slice_enc().train()
     out = enc(_volume((2, 1, 4, 16, 16)), question=_volume((2, 8), seed=1))
-    _finite_grads(enc, _weighted_loss(out.features))
+    _check_finite_grads(enc, _weighted_loss(out.features))
     enc.zero_grad(set_to_none=True)
     out = enc(_volume((2, 1, 4, 16, 16)))                    # learned query only
-    _finite_grads(enc, _weighted_loss(out.features), skip=("question_proj",))
+    _check_finite_grads(enc, _weighted_loss(out.features), skip=("question_proj",))
 
 
 def test_slice_deterministic_with_seed():

@@ -104,7 +104,7 @@ def hf_image_encoder(name_or_path: str, feature_layer: int = -2, drop_cls: bool 
     """Load a vision tower with ``AutoModel.from_pretrained`` (local folder or hub id) and wrap it.
 
     Full CLIP / SigLIP models (image + text) are reduced to their ``.vision_model``. Remote code is
-    never trusted unless ``trust_remote_code=True`` is passed explicitly.
+    never trusted unless the caller sets ``trust_remote_code`` to True explicitly.
     """
     from transformers import AutoModel
 
