@@ -26,11 +26,11 @@ records of the case use, so the encoders are trained on exactly the tensors they
 :func:`case_regions` gives where the focal findings lie, for dense (per-token) auxiliary tasks
 (:data:`REGION_TASKS`): ``image`` ``nodule_where`` / ``ct_lesion_where`` as a box
 ``(r0, c0, r1, c1)`` in fractions of the image height/width (the phantoms are square, so the
-letterboxed tensor keeps these fractions), ``volume`` ``lesion_slices`` as ``(z0, z1)``, fractions
-of the depth along axis 0 covering the lesion's slices. ``()`` = the finding is absent (no token
-holds it), ``None`` = not applicable. A per-image label such as "is there a nodule" is learnt from
-a few hundred images only after a long plateau; telling the encoder *where* the finding is
-shortens it several-fold (measured in the encoder stage).
+letterboxed tensor keeps these fractions), ``volume`` ``lesion_where`` as ``(z0, r0, c0, z1, r1, c1)``,
+fractions of depth (axis 0: the lesion's first slice to one past its last), height and width (the
+lesion sphere's bounding box). ``()`` = the finding is absent, ``None`` = not applicable. A per-image
+label such as "is there a nodule" is learnt from a few hundred images only after a long plateau;
+telling the encoder *where* the finding is shortens it several-fold (measured in the encoder stage).
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ LABEL_CLASSES: dict[str, dict[str, tuple[str, ...] | None]] = {
             "qsofa_vitals": ("0", "1", "2"), **{f"lab_{name}": NO_YES for name in LABS}},
 }
 REGION_TASKS: dict[str, tuple[str, ...]] = {"image": ("nodule_where", "ct_lesion_where"),
-                                            "volume": ("lesion_slices",)}
+                                            "volume": ("lesion_where",)}
 LABEL_TASKS: dict[str, dict[str, int]] = {
     kind: {task: len(names) if names else 0 for task, names in tasks.items()} for kind, tasks in LABEL_CLASSES.items()}
 
@@ -163,8 +163,11 @@ def case_labels(case: dict) -> tuple[str, dict[str, Label]]:
 
 
 def _box(center_rc, radius_px: float, size: int) -> tuple[float, float, float, float]:
-    """Box of a disk (centre row/col, radius in px) in fractions of a ``size`` x ``size`` image."""
-    r, c = (float(v) for v in center_rc)
+    """Box of a disk (centre row/col, radius in px) in fractions of a ``size`` x ``size`` image.
+
+    Pixel ``i`` is centred on coordinate ``i`` and covers ``[i - 0.5, i + 0.5)``, i.e. the fraction
+    ``[i / size, (i + 1) / size)``."""
+    r, c = (float(v) + 0.5 for v in center_rc)
     return ((r - radius_px) / size, (c - radius_px) / size, (r + radius_px) / size, (c + radius_px) / size)
 
 
@@ -181,11 +184,16 @@ def _regions_image(modality: str, truth: dict) -> dict[str, Region]:
 
 
 def _regions_volume(truth: dict) -> dict[str, Region]:
-    les, depth = truth["findings"]["lesion"], int(truth["shape"][0])
+    les = truth["findings"]["lesion"]
     if not les["present"]:
-        return {"lesion_slices": ()}
+        return {"lesion_where": ()}
+    depth, rows, cols = (int(n) for n in truth["shape"])
     a, b = les["slice_range"]
-    return {"lesion_slices": (int(a) / depth, (int(b) + 1) / depth)}
+    _, r, c = (float(v) + 0.5 for v in les["center_dhw"])                     # voxel index -> its centre
+    radius_mm = float(les["diameter_mm"]) / 2
+    ry, rx = radius_mm / float(truth["spacing_mm"][1]), radius_mm / float(truth["spacing_mm"][2])  # voxels
+    return {"lesion_where": (int(a) / depth, (r - ry) / rows, (c - rx) / cols,
+                             (int(b) + 1) / depth, (r + ry) / rows, (c + rx) / cols)}
 
 
 def case_regions(case: dict) -> tuple[str, dict[str, Region]]:
