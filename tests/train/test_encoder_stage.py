@@ -11,10 +11,10 @@ import torch
 from medmllm.data.dataset import ModalityShapes
 from medmllm.data.phantoms.build import build_phantoms
 from medmllm.errors import ConfigError
-from medmllm.model.builders import tiny
+from medmllm.model.builders import small, tiny
 from medmllm.train.checkpoint import list_checkpoints
-from medmllm.train.encoder_stage import (EncoderHeads, EncoderStageConfig, MapLayout, dense_losses, map_layout,
-                                         pool_features, train_encoders)
+from medmllm.train.encoder_stage import (EncoderHeads, EncoderStageConfig, MapLayout, dense_losses, map_layouts,
+                                         pool_features, region_box, train_encoders)
 
 SHAPES = ModalityShapes(image_size=32, volume_shape=(8, 16, 16), signal_samples=500)
 
@@ -29,48 +29,64 @@ def test_pool_features_masked_mean_and_max_by_hand():
 
 
 def test_map_layout_targets_by_hand():
-    grid = MapLayout(channels=3, rows=2, cols=2)
-    # a box in the top-right quarter only, then one across the vertical midline of the bottom half
-    assert grid.targets((0.1, 0.6, 0.2, 0.7)).tolist() == [0, 1, 0, 0]
-    assert grid.targets((0.7, 0.4, 0.8, 0.6)).tolist() == [0, 0, 1, 1]
-    assert grid.targets(()).tolist() == [0, 0, 0, 0]
-    assert torch.isnan(grid.targets(None)).all()
-    vol = MapLayout(channels=3, rows=2, cols=2, depth=4)
-    # slices [0.3, 0.6) -> slices 1 and 2 of 4; the left half of the top row -> cell 0
-    want = [0] * 16
-    want[1 * 4 + 0] = want[2 * 4 + 0] = 1
-    assert vol.targets((0.3, 0.1, 0.1, 0.6, 0.4, 0.4)).tolist() == want
+    grid = MapLayout("m", channels=3, rows=2, cols=2)
+    boxes = torch.stack([region_box((0.1, 0.6, 0.2, 0.7)),   # inside the top-right quarter
+                         region_box((0.7, 0.4, 0.8, 0.6)),   # across the vertical midline, bottom half
+                         region_box(()), region_box(None)])
+    t = grid.targets(boxes)
+    assert t[:3].tolist() == [[0, 1, 0, 0], [0, 0, 1, 1], [0, 0, 0, 0]]
+    assert torch.isnan(t[3]).all()
+    vol = MapLayout("m", channels=3, rows=2, cols=2, depth=4)
+    # slices [0.3, 0.6) -> slices 1 and 2 of 4; the upper-left quarter -> cell 0 of each
+    want = [0.0] * 16
+    want[1 * 4 + 0] = want[2 * 4 + 0] = 1.0
+    assert vol.targets(region_box((0.3, 0.1, 0.1, 0.6, 0.4, 0.4))[None]).tolist() == [want]
 
 
 def test_map_layout_flatten_orders_depth_rows_cols():
-    vol = MapLayout(channels=2, rows=2, cols=3, depth=4)
+    vol = MapLayout("m", channels=2, rows=2, cols=3, depth=4)
     fmap = torch.randn(5 * 4, 2, 2, 3)                                       # [B * D, C, h, w]
     cells = vol.flatten(fmap, 5)                                             # [B, D*h*w, C]
     assert cells.shape == (5, 24, 2)
     assert torch.equal(cells[3, 2 * 6 + 1 * 3 + 2], fmap[3 * 4 + 2, :, 1, 2])  # item 3, slice 2, row 1, col 2
+    tokens = torch.arange(2 * 9 * 3, dtype=torch.float32).view(2, 9, 3)      # 4 slices x 2 tokens + 1
+    per_slice = MapLayout("", 3, 1, 1, 4, source="tokens", per_slice=2).flatten(tokens, 2)
+    assert torch.equal(per_slice, tokens[:, 1:8:2])                          # max of a slice = its 2nd token
+    grid = MapLayout("", 3, 2, 2, source="tokens").flatten(tokens, 2)
+    assert torch.equal(grid, tokens[:, :4])
 
 
-def test_map_layouts_of_the_tiny_encoders():
+def test_map_layouts_of_the_small_and_tiny_encoders():
+    model, _ = small()
+    shapes = ModalityShapes()
+    # small image CNN (width 16, 4 blocks of 6 layers): 128 px -> block outputs at 64, 32, 16 px
+    # then its 4 x 4 grid tokens of width 128
+    assert map_layouts(model.encoders["image"], "image", shapes) == [
+        MapLayout("11", 32, 64, 64), MapLayout("17", 64, 32, 32), MapLayout("23", 128, 16, 16),
+        MapLayout("", 128, 4, 4, source="tokens")]
+    # small slice CNN (width 8, 3 blocks) on 64 px slices, 32 of them; then 2 tokens per slice
+    assert map_layouts(model.encoders["volume"], "volume", shapes) == [
+        MapLayout("11", 16, 32, 32, 32), MapLayout("17", 32, 16, 16, 32),
+        MapLayout("", 128, 1, 1, 32, source="tokens", per_slice=2)]
+    assert map_layouts(model.encoders["signal"], "signal", shapes) == []
     model, _ = tiny()
-    # tiny image CNN: depth 2 -> one stride-2 block: 32 px -> 16 x 16 cells of width 8 * 2
-    assert map_layout(model.encoders["image"], "image", SHAPES) == MapLayout(16, 16, 16)
-    # tiny slice CNN (width 4, depth 2) on 16 x 16 slices, 8 of them
-    assert map_layout(model.encoders["volume"], "volume", SHAPES) == MapLayout(8, 8, 8, depth=8)
-    assert map_layout(model.encoders["signal"], "signal", SHAPES) is None
+    assert map_layouts(model.encoders["image"], "image", SHAPES) == [
+        MapLayout("11", 16, 16, 16), MapLayout("", 32, 2, 2, source="tokens")]
     assert not model.encoders["image"].training                               # the probe left eval mode alone
 
 
 def test_heads_shapes_and_dense_loss_masks_rows_not_applicable():
-    heads = EncoderHeads({"image": 6}, {"image": {"a": 3, "r": 0}}, dense={"image": ("w",)},
-                         layouts={"image": MapLayout(channels=5, rows=2, cols=2)})
-    out = heads("image", torch.randn(5, 5, 6), torch.ones(5, 5, dtype=torch.bool), torch.randn(5, 4, 5))
-    assert {k: tuple(v.shape) for k, v in out.items()} == {"a": (5, 3), "r": (5, 1), "w": (5, 4)}
-    target = torch.zeros(5, 1, 4)
-    target[0, 0, 1] = 1.0
-    target[3:] = float("nan")                                                # two items: task n/a
-    loss = dense_losses({"image": out}, {"image": target}, {"image": ("w",)}, {"image": {"w": 3.0}})
-    want = torch.nn.functional.binary_cross_entropy_with_logits(out["w"][:3], target[:3, 0],
-                                                                pos_weight=torch.tensor(3.0))
+    lays = [MapLayout("a", channels=5, rows=2, cols=2), MapLayout("b", channels=3, rows=1, cols=1)]
+    heads = EncoderHeads({"image": 6}, {"image": {"a": 3, "r": 0}}, dense={"image": ("w",)}, layouts={"image": lays})
+    cells = [torch.randn(5, 4, 5), torch.randn(5, 1, 3)]
+    out = heads("image", torch.randn(5, 5, 6), torch.ones(5, 5, dtype=torch.bool), cells)
+    assert {k: tuple(v.shape) for k, v in out.items() if k != "w"} == {"a": (5, 3), "r": (5, 1)}
+    assert [tuple(v.shape) for v in out["w"]] == [(5, 4), (5, 1)]
+    boxes = torch.stack([region_box((0.1, 0.6, 0.2, 0.7))] + [region_box(())] * 2 + [region_box(None)] * 2)
+    loss = dense_losses({"image": out}, {"image": boxes[:, None]}, heads, {"image": {"w": [3.0, 1.0]}})
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    want = (bce(out["w"][0][:3], torch.tensor([[0.0, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]), pos_weight=torch.tensor(3.0))
+            + bce(out["w"][1][:3], torch.tensor([[1.0], [0], [0]]))) / 2
     assert torch.allclose(loss["image"]["w"], want)
 
 

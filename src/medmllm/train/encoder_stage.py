@@ -7,18 +7,20 @@ loss left its encoders at chance; a supervised loss on the encoders' own feature
       -> case_part / case_labels / case_regions (medmllm.data.phantoms.labels)
       -> PartLoader tensors, loaded once and kept in memory
       -> batches mixing kinds: inputs {kind: [N_k, ...]}, labels {kind: [N_k, T_k]} (NaN = n/a),
-         dense {kind: [N_k, R_k, U_k]} (per cell of the encoder's conv feature map; NaN = n/a)
-      -> model.encoders[kind] -> features [N_k, T, D], mask [N_k, T]  (+ stem map, via a hook)
-      -> EncoderHeads: [masked mean ; masked max] [N_k, 2D] -> one linear head per task, and
-         one linear head per dense task on every feature-map cell -> [N_k, U_k]
+         boxes {kind: [N_k, R_k, 6]} (where each focal finding lies; NaN = n/a)
+      -> model.encoders[kind] -> features [N_k, T, D], mask [N_k, T]  (+ stem maps, via hooks)
+      -> EncoderHeads: [masked mean ; masked max] [N_k, 2D] -> one linear head per task, and per
+         dense task one linear head per stem level on every cell of that level's map -> [N_k, U_l]
       -> loss = sum over kinds present of (mean of the task losses (cross-entropy | Huber)
                 + dense_weight * mean of the dense losses (positive-weighted binary cross-entropy))
 
-Why dense tasks: a 3-px nodule on a 128-px radiograph is learnt from ~600 images only after a long
-plateau when the only label is "nodule: yes/no" (still at chance after 700 steps of 32 in a
-measurement). Saying which cell of the encoder's 16 x 16 feature map holds it (where the truth
-knows it: nodules, CT lesions, 3D lesions) gets past the plateau in ~100 steps. Encoders without a
-2-D convolutional stem (``stem`` / ``image_encoder.stem``) get the per-case tasks only.
+Why dense tasks: a 3-px nodule on a 128-px radiograph is learnt from ~600 images only after a long,
+erratic plateau when the only label is "nodule: yes/no" (still at chance after 700 steps of 32 in a
+measurement). Saying which cells of the encoder's feature maps hold it (the truth knows where:
+nodules, CT lesions, 3D lesions) at every resolution level of its convolutional stem below the
+input's (deep supervision: 64, 32 and 16 px maps for a 128 px image) brought the same encoder past
+it in 100-200 steps, also with CT slices mixed into its batches. Encoders without a convolutional
+``stem`` (``image_encoder.stem`` for slice-wise volume encoders) get the per-case tasks only.
 
 Only the encoders (of ``cfg.kinds``) and the heads are optimised, on :class:`TrainLoop`
 (checkpoints, exact resume, progress bar, metrics.jsonl); the LLM and projectors are never run
@@ -53,9 +55,10 @@ class EncoderStageConfig:
 
     ``data``: a MedPhantom build folder (holding ``cases.jsonl``). ``kinds``: encoder kinds to
     train (empty: every kind the model has and the build holds). ``lr`` applies to encoders and
-    heads (AdamW, ``warmup_steps`` linear warm-up then cosine to 0). ``kind_weights``: sampling
-    weight per kind (kinds not listed: 1; None: every case equally likely). ``dense_weight``:
-    weight of the dense (where-is-it) tasks, 0 = off.
+    heads (AdamW, ``warmup_steps`` linear warm-up then cosine to 0). ``kind_weights``: share of the
+    samples per kind (kinds not listed: 1; None: every case equally likely). ``dense_weight``:
+    weight of the dense (where-is-it) tasks, 0 = off; ``dense_pos_weight_cap`` bounds the weight of
+    the (rare) positive cells, which is otherwise negatives / positives.
 
     Speed on CPU (2 cores, builders.small, measured): ``mixed_precision: bf16`` autocasts the
     encoders of ``bf16_kinds`` (None: all) — image 3-8x faster, volume 1.5x, signal ~1.1x, ehr
@@ -69,13 +72,14 @@ class EncoderStageConfig:
     batch_size: int = 32
     lr: float = 4e-3
     weight_decay: float = 0.01
-    warmup_steps: int = 20
-    grad_clip: Optional[float] = 1.0
+    warmup_steps: int = 10
+    grad_clip: Optional[float] = None
     seed: int = 0
     mixed_precision: Literal["no", "bf16"] = "bf16"
     bf16_kinds: Optional[list[str]] = dataclasses.field(default_factory=lambda: ["image", "volume", "signal"])
     channels_last: bool = True
     dense_weight: float = 2.0
+    dense_pos_weight_cap: float = 30.0
     ckpt_every: int = 0
     keep_last: int = 2
     log_every: int = 10
@@ -92,85 +96,142 @@ class EncoderStageConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < low:
                 raise ConfigError(f"encoder.{name}: expected an int >= {low}, got {v!r}")
-        for name in ("lr", "dense_weight"):
+        for name, low, strict in (("lr", 0.0, True), ("dense_weight", 0.0, False), ("dense_pos_weight_cap", 1.0, False)):
             v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and v >= 0 and (v > 0 or name != "lr")):
-                raise ConfigError(f"encoder.{name}: expected a number {'> 0' if name == 'lr' else '>= 0'}, got {v!r}")
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or v < low or (strict and v == low):
+                raise ConfigError(f"encoder.{name}: expected a number {'>' if strict else '>='} {low:g}, got {v!r}")
 
 
 # ============================================================================= feature maps
 @dataclasses.dataclass(frozen=True)
 class MapLayout:
-    """An encoder's convolutional feature map as the dense tasks see it.
+    """One feature map as the dense tasks see it.
 
-    ``depth`` slices (1 for an image) of ``rows x cols`` cells of ``channels`` features; cell
-    ``(i, j)`` covers the input fractions ``[i / rows, (i + 1) / rows)`` x ``[j / cols, (j + 1) / cols)``,
-    slice ``d`` covers ``[d / depth, (d + 1) / depth)``. Units are flattened depth-major, then row-major.
+    ``source`` "stem": the output of the stem child ``module`` (dotted name inside the stem);
+    "tokens": the encoder's output tokens — an image encoder's first ``rows * cols`` tokens are its
+    grid cells (row-major), a slice-wise volume encoder's ``per_slice`` tokens of each slice are
+    max-pooled into one. ``depth`` slices (1 for an image) of ``rows x cols`` cells of ``channels``
+    features; cell ``(i, j)`` covers the input fractions ``[i / rows, (i + 1) / rows)`` x
+    ``[j / cols, (j + 1) / cols)``, slice ``d`` covers ``[d / depth, (d + 1) / depth)``. Units are
+    flattened depth-major, then row-major.
     """
 
+    module: str
     channels: int
     rows: int
     cols: int
     depth: int = 1
+    source: str = "stem"
+    per_slice: int = 0
 
     @property
     def units(self) -> int:
         return self.depth * self.rows * self.cols
 
-    def targets(self, region: tuple[float, ...] | None) -> torch.Tensor:
-        """``[units]`` float: 1 where the cell overlaps ``region`` (see ``labels.case_regions``: a
-        ``(r0, c0, r1, c1)`` box, or ``(z0, r0, c0, z1, r1, c1)`` with depth), 0 elsewhere, all 0 for
-        ``()`` (no finding), all NaN for ``None`` (not applicable)."""
-        if region is None:
-            return torch.full((self.units,), math.nan)
-        if not region:
-            return torch.zeros(self.units)
-        lo, hi = (region[:3], region[3:]) if len(region) == 6 else ((0.0, *region[:2]), (1.0, *region[2:]))
+    def targets(self, boxes: torch.Tensor) -> torch.Tensor:
+        """``boxes [N, 6]`` ``(z0, r0, c0, z1, r1, c1)`` fractions -> ``[N, units]`` float: 1 on the
+        cells a box overlaps, 0 elsewhere (an empty box ``z1 <= z0`` overlaps none), NaN rows for NaN boxes."""
+        def axis(n: int, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:   # [N, n]
+            k = torch.arange(n, dtype=boxes.dtype, device=boxes.device)
+            return (hi[:, None] > k / n) & (lo[:, None] < (k + 1) / n) & (hi > lo)[:, None]
 
-        def axis(n: int, a: float, b: float) -> torch.Tensor:         # [n] cells overlapping [a, b)
-            k = torch.arange(n, dtype=torch.float64)
-            return (b > k / n) & (a < (k + 1) / n)
-
-        z, r, c = (axis(n, a, b) for n, a, b in zip((self.depth, self.rows, self.cols), lo, hi))
-        return (z[:, None, None] & r[None, :, None] & c[None, None, :]).flatten().float()   # [units]
+        z = axis(self.depth, boxes[:, 0], boxes[:, 3])
+        r = axis(self.rows, boxes[:, 1], boxes[:, 4])
+        c = axis(self.cols, boxes[:, 2], boxes[:, 5])
+        out = (z[:, :, None, None] & r[:, None, :, None] & c[:, None, None, :]).flatten(1).float()
+        return out.masked_fill(torch.isnan(boxes[:, :1]), math.nan)              # [N, units]
 
     def flatten(self, fmap: torch.Tensor, batch: int) -> torch.Tensor:
-        """Stem output ``[batch * depth, channels, rows, cols]`` -> ``[batch, units, channels]``."""
+        """Stem map ``[batch * depth, channels, rows, cols]`` or encoder tokens ``[batch, N, channels]``
+        -> ``[batch, units, channels]``."""
+        if self.source == "tokens":
+            if self.per_slice:                                               # [B, D*k, e] -> max per slice
+                return fmap[:, : self.depth * self.per_slice].reshape(
+                    batch, self.depth, self.per_slice, self.channels).amax(2)
+            return fmap[:, : self.units]                                     # grid cells, row-major
         x = fmap.reshape(batch, self.depth, self.channels, self.rows, self.cols)
         return x.permute(0, 1, 3, 4, 2).reshape(batch, self.units, self.channels)
 
 
-def feature_map_module(encoder: nn.Module, kind: str) -> nn.Module | None:
-    """The convolutional stem whose output map the dense tasks read: an image encoder's ``stem``, a
-    slice-wise volume encoder's ``image_encoder.stem``; None when the encoder has none."""
+def region_box(region: tuple[float, ...] | None) -> torch.Tensor:
+    """A ``labels.case_regions`` region -> ``[6]`` box ``(z0, r0, c0, z1, r1, c1)``: 2-D boxes span
+    the whole depth, ``()`` (no finding) becomes an empty box, ``None`` (n/a) NaNs."""
+    if region is None:
+        return torch.full((6,), math.nan)
+    if not region:
+        return torch.zeros(6)
+    if len(region) == 4:
+        r0, c0, r1, c1 = region
+        return torch.tensor([0.0, r0, c0, 1.0, r1, c1])
+    return torch.tensor([float(v) for v in region])
+
+
+def feature_stem(encoder: nn.Module, kind: str) -> nn.Module | None:
+    """The convolutional stem the dense tasks read: an image encoder's ``stem``, a slice-wise volume
+    encoder's ``image_encoder.stem``; None when the encoder has none."""
     inner = encoder if kind == "image" else getattr(encoder, "image_encoder", None) if kind == "volume" else None
     stem = getattr(inner, "stem", None)
     return stem if isinstance(stem, nn.Module) else None
 
 
-@torch.no_grad()
-def map_layout(encoder: nn.Module, kind: str, shapes: ModalityShapes) -> MapLayout | None:
-    """The :class:`MapLayout` of ``encoder``'s stem for inputs of ``shapes`` (one dummy pass of the
-    stem in eval mode), or None when it has no 2-D convolutional stem."""
-    stem = feature_map_module(encoder, kind)
-    if stem is None:
+def token_layout(encoder: nn.Module, kind: str, shapes: ModalityShapes) -> MapLayout | None:
+    """The output tokens as a map: a grid-cell image encoder (``grid`` attribute, ``grid**2`` (+1)
+    tokens) or a slice-wise volume encoder (``k`` tokens per slice + 1); None for other encoders."""
+    dim = int(getattr(encoder, "out_dim", 0))
+    try:
+        if kind == "image":
+            g = getattr(encoder, "grid", None)
+            n = encoder.num_tokens((shapes.image_channels, shapes.image_size, shapes.image_size))
+            if isinstance(g, int) and g > 0 and dim and n in (g * g, g * g + 1):
+                return MapLayout("", dim, g, g, source="tokens")
+        if kind == "volume":
+            k, depth = getattr(encoder, "k", None), int(shapes.volume_shape[0])
+            if isinstance(k, int) and k > 0 and dim and encoder.num_tokens((1, *shapes.volume_shape)) == depth * k + 1:
+                return MapLayout("", dim, 1, 1, depth, source="tokens", per_slice=k)
+    except (InputError, ConfigError, TypeError, AttributeError):
         return None
+    return None
+
+
+@torch.no_grad()
+def map_layouts(encoder: nn.Module, kind: str, shapes: ModalityShapes) -> list[MapLayout]:
+    """The maps the dense tasks supervise, finest first: one per resolution level of the encoder's
+    stem below the input's (the last child of the stem at each level; a stem without children: its
+    output; found with one dummy pass in eval mode), then the output tokens (:func:`token_layout`) —
+    so a finding is both detected early and carried into the tokens the LLM will read."""
+    tokens = token_layout(encoder, kind, shapes)
+    return _stem_layouts(encoder, kind, shapes) + ([tokens] if tokens is not None else [])
+
+
+def _stem_layouts(encoder: nn.Module, kind: str, shapes: ModalityShapes) -> list[MapLayout]:
+    stem = feature_stem(encoder, kind)
+    if stem is None:
+        return []
     inner = encoder if kind == "image" else encoder.image_encoder
-    channels = int(getattr(inner, "in_channels", shapes.image_channels if kind == "image" else 1))
     depth, rows, cols = ((1, shapes.image_size, shapes.image_size) if kind == "image"
                          else tuple(int(n) for n in shapes.volume_shape))
+    channels = int(getattr(inner, "in_channels", shapes.image_channels if kind == "image" else 1))
+    children = list(stem.named_children()) or [("", stem)]
+    seen: dict[str, tuple] = {}
+    hooks = [m.register_forward_hook(lambda mod, a, out, name=name: seen.__setitem__(name, tuple(out.shape)))
+             for name, m in children]
     param = next(stem.parameters(), None)
     was = stem.training
     try:
         stem.eval()
-        out = stem(torch.zeros(1, channels, rows, cols, device=param.device if param is not None else None))
+        stem(torch.zeros(1, channels, rows, cols, device=param.device if param is not None else None))
     except (RuntimeError, InputError):
-        return None
+        return []
     finally:
         stem.train(was)
-    if out.ndim != 4:
-        return None
-    return MapLayout(int(out.shape[1]), int(out.shape[2]), int(out.shape[3]), depth)
+        for h in hooks:
+            h.remove()
+    last: dict[tuple[int, int], MapLayout] = {}
+    for name, _ in children:                               # in order: the last child of a level wins
+        shape = seen.get(name)
+        if shape is not None and len(shape) == 4 and tuple(shape[2:]) != (rows, cols):
+            last[tuple(shape[2:])] = MapLayout(name, int(shape[1]), int(shape[2]), int(shape[3]), depth)
+    return sorted(last.values(), key=lambda lay: -lay.rows * lay.cols)
 
 
 # ============================================================================= heads
@@ -189,36 +250,39 @@ def pool_features(features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 class EncoderHeads(nn.Module):
     """Per kind, one linear head per task on :func:`pool_features` of the kind's encoder output,
-    and one linear head per dense task on every cell of the kind's feature map (:class:`MapLayout`).
+    and per dense task one linear head per map level (``layouts[kind]``) applied to every cell.
 
     ``dims``: ``{kind: D}`` (encoder ``out_dim``); ``tasks``: ``{kind: {task: n_classes}}``
-    (0 = regression: one output); ``dense``: ``{kind: (task, ...)}``, kept for kinds with a layout in
-    ``layouts``. ``forward(kind, features [B, N, D], mask [B, N], cells [B, U, C] | None)`` returns
-    ``{task: [B, n_classes]}`` (``[B, 1]`` for regression) plus ``{dense task: [B, U]}`` logits.
+    (0 = regression: one output); ``dense``: ``{kind: (task, ...)}``, kept for kinds with layouts.
+    ``forward(kind, features [B, N, D], mask [B, N], cells)`` with ``cells``: one ``[B, U_l, C_l]``
+    per level (or None) returns ``{task: [B, n_classes]}`` (``[B, 1]`` for regression) plus
+    ``{dense task: [[B, U_l] per level]}`` logits.
     """
 
     def __init__(self, dims: dict[str, int], tasks: dict[str, dict[str, int]],
-                 dense: dict[str, Sequence[str]] | None = None, layouts: dict[str, MapLayout] | None = None):
+                 dense: dict[str, Sequence[str]] | None = None, layouts: dict[str, list[MapLayout]] | None = None):
         super().__init__()
         missing = sorted(set(dims) - set(tasks))
         if missing:
             raise ConfigError(f"EncoderHeads: no tasks for kinds {missing}; tasks cover {sorted(tasks)}")
         self.tasks = {k: dict(tasks[k]) for k in dims}
-        self.layouts = {k: v for k, v in (layouts or {}).items() if k in dims and (dense or {}).get(k)}
+        self.layouts = {k: list(v) for k, v in (layouts or {}).items() if k in dims and v and (dense or {}).get(k)}
         self.dense = {k: tuple(dense[k]) for k in self.layouts}                  # type: ignore[index]
         self.heads = nn.ModuleDict({
             kind: nn.ModuleDict({t: nn.Linear(2 * int(d), n if n > 0 else 1) for t, n in self.tasks[kind].items()})
             for kind, d in dims.items()})
         self.dense_heads = nn.ModuleDict({
-            kind: nn.ModuleDict({t: nn.Linear(self.layouts[kind].channels, 1) for t in names})
+            kind: nn.ModuleDict({t: nn.ModuleList(nn.Linear(lay.channels, 1) for lay in self.layouts[kind])
+                                 for t in names})
             for kind, names in self.dense.items()})
 
     def forward(self, kind: str, features: torch.Tensor, mask: torch.Tensor,
-                cells: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                cells: Sequence[torch.Tensor] | None = None) -> dict:
         pooled = pool_features(features, mask)                             # [B, 2D]
-        out = {t: head(pooled) for t, head in self.heads[kind].items()}   # {task: [B, n]}
+        out: dict = {t: head(pooled) for t, head in self.heads[kind].items()}   # {task: [B, n]}
         if cells is not None and kind in self.dense_heads:
-            out.update({t: head(cells)[..., 0] for t, head in self.dense_heads[kind].items()})  # [B, U]
+            for t, per_level in self.dense_heads[kind].items():
+                out[t] = [head(c)[..., 0] for head, c in zip(per_level, cells)]  # [[B, U_l] per level]
         return out
 
 
@@ -233,7 +297,7 @@ class _StageModule(nn.Module):
     """What the loop trains: the model's encoders (shared, not copied) + the heads.
 
     The encoders of ``bf16_kinds`` run under bf16 autocast; the heads always run in float32. For the
-    kinds with dense heads a forward hook on the encoder's stem keeps its feature map for them; call
+    kinds with dense heads, forward hooks on the stem levels keep their maps for the heads; call
     :meth:`close` to remove the hooks.
     """
 
@@ -242,13 +306,19 @@ class _StageModule(nn.Module):
         self.encoders = nn.ModuleDict(encoders)
         self.heads = heads
         self.bf16_kinds = set(bf16_kinds)
-        self._maps: dict[str, torch.Tensor] = {}
-        self._hooks = [feature_map_module(self.encoders[k], k).register_forward_hook(self._keeper(k))
-                       for k in heads.dense]
+        self._maps: dict[tuple[str, int], torch.Tensor] = {}
+        self._hooks = []
+        for kind, layouts in heads.layouts.items():
+            stem = feature_stem(self.encoders[kind], kind)
+            for i, lay in enumerate(layouts):
+                if lay.source != "stem":
+                    continue
+                module = stem.get_submodule(lay.module) if lay.module else stem
+                self._hooks.append(module.register_forward_hook(self._keeper((kind, i))))
 
-    def _keeper(self, kind: str):
+    def _keeper(self, key: tuple[str, int]):
         def keep(module, args, output):
-            self._maps[kind] = output
+            self._maps[key] = output
         return keep
 
     def close(self) -> None:
@@ -256,16 +326,18 @@ class _StageModule(nn.Module):
             h.remove()
         self._hooks, self._maps = [], {}
 
-    def forward(self, inputs: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    def forward(self, inputs: dict[str, torch.Tensor]) -> dict[str, dict]:
         out = {}
         for kind, x in inputs.items():
-            self._maps.pop(kind, None)
+            self._maps.clear()
             with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=kind in self.bf16_kinds):
                 enc = encode(self.encoders[kind], kind, x)                 # features [N_k, T, D]
-            fmap = self._maps.pop(kind, None)                              # stem output, dense kinds only
-            cells = self.heads.layouts[kind].flatten(fmap.float(), x.shape[0]) if fmap is not None else None
+            cells = None
+            if kind in self.heads.layouts:                                 # maps -> [N_k, U_l, C_l]
+                cells = [lay.flatten((enc.features if lay.source == "tokens" else self._maps.pop((kind, i))).float(),
+                                     x.shape[0]) for i, lay in enumerate(self.heads.layouts[kind])]
             with torch.autocast(x.device.type, enabled=False):
-                out[kind] = self.heads(kind, enc.features.float(), enc.mask, cells)  # {task: [N_k, n]}
+                out[kind] = self.heads(kind, enc.features.float(), enc.mask, cells)
         return out
 
 
@@ -273,13 +345,13 @@ class _StageModule(nn.Module):
 @dataclasses.dataclass
 class StageItem:
     """One case ready for training: its kind, input tensor, label row ``[T_k]`` (NaN = n/a) and
-    dense targets ``[R_k, U_k]`` (one row per dense task; ``[0, 0]`` when the kind has none)."""
+    one finding box per dense task ``[R_k, 6]`` (see :func:`region_box`; ``[0, 6]`` when none)."""
 
     case_id: str
     kind: str
     tensor: torch.Tensor
     labels: torch.Tensor
-    dense: torch.Tensor = dataclasses.field(default_factory=lambda: torch.zeros(0, 0))
+    boxes: torch.Tensor = dataclasses.field(default_factory=lambda: torch.zeros(0, 6))
 
 
 def read_cases(build_dir: str | Path) -> list[dict]:
@@ -292,13 +364,12 @@ def read_cases(build_dir: str | Path) -> list[dict]:
 
 
 def load_items(build_dir: str | Path, cases: Sequence[dict], kinds: Sequence[str], loader: PartLoader,
-               layouts: dict[str, MapLayout] | None = None) -> list[StageItem]:
+               dense_kinds: Sequence[str] = ()) -> list[StageItem]:
     """Load each case of ``kinds`` once (its record part through ``loader``) with its labels, and
-    dense targets for the kinds in ``layouts``. A case whose file cannot be read is skipped (warning)."""
+    finding boxes for ``dense_kinds``. A case whose file cannot be read is skipped (warning)."""
     from medmllm.data.phantoms.labels import LABEL_TASKS, REGION_TASKS, case_kind, case_labels, case_part, \
         case_regions
 
-    layouts = layouts or {}
     items = []
     for case in cases:
         if case_kind(case) not in kinds:
@@ -311,25 +382,25 @@ def load_items(build_dir: str | Path, cases: Sequence[dict], kinds: Sequence[str
             continue
         row = torch.tensor([math.nan if labels[t] is None else float(labels[t]) for t in LABEL_TASKS[kind]])
         item = StageItem(case["case_id"], kind, tensor, row)
-        if kind in layouts and REGION_TASKS.get(kind):
+        if kind in dense_kinds and REGION_TASKS.get(kind):
             regions = case_regions(case)[1]
-            item.dense = torch.stack([layouts[kind].targets(regions[t]) for t in REGION_TASKS[kind]])  # [R, U]
+            item.boxes = torch.stack([region_box(regions[t]) for t in REGION_TASKS[kind]])   # [R, 6]
         items.append(item)
     return items
 
 
 def collate(items: Sequence[StageItem]) -> dict:
     """Items -> ``{"index": [B], "inputs": {kind: [N_k, ...]}, "labels": {kind: [N_k, T_k]},
-    "dense": {kind: [N_k, R_k, U_k]}}`` (kinds in first-seen order; dense only for kinds that have
-    it; ``index`` is the item's position in the batch)."""
+    "boxes": {kind: [N_k, R_k, 6]}}`` (kinds in first-seen order; boxes only for kinds that have
+    them; ``index`` is the item's position in the batch)."""
     by_kind: dict[str, list[StageItem]] = {}
     for it in items:
         by_kind.setdefault(it.kind, []).append(it)
     return {"index": torch.arange(len(items)),
             "inputs": {k: torch.stack([it.tensor for it in group]) for k, group in by_kind.items()},
             "labels": {k: torch.stack([it.labels for it in group]) for k, group in by_kind.items()},
-            "dense": {k: torch.stack([it.dense for it in group]) for k, group in by_kind.items()
-                      if group[0].dense.numel()}}
+            "boxes": {k: torch.stack([it.boxes for it in group]) for k, group in by_kind.items()
+                      if group[0].boxes.numel()}}
 
 
 class _ListDataset(torch.utils.data.Dataset):
@@ -343,8 +414,8 @@ class _ListDataset(torch.utils.data.Dataset):
         return self.items[i]
 
 
-# ============================================================================= loss and metrics
-def task_losses(outputs: dict[str, dict[str, torch.Tensor]], labels: dict[str, torch.Tensor],
+# ============================================================================= loss
+def task_losses(outputs: dict[str, dict], labels: dict[str, torch.Tensor],
                 tasks: dict[str, dict[str, int]]) -> dict[str, dict[str, torch.Tensor]]:
     """``{kind: {task: loss}}`` over the items whose label is not NaN (tasks with none are left out).
 
@@ -364,44 +435,49 @@ def task_losses(outputs: dict[str, dict[str, torch.Tensor]], labels: dict[str, t
     return out
 
 
-def dense_losses(outputs: dict[str, dict[str, torch.Tensor]], dense: dict[str, torch.Tensor],
-                 tasks: dict[str, Sequence[str]], pos_weight: dict[str, dict[str, float]] | None = None,
-                 ) -> dict[str, dict[str, torch.Tensor]]:
-    """``{kind: {dense task: binary cross-entropy}}`` over the items whose target row is not NaN;
-    positive units weighted by ``pos_weight[kind][task]`` (default 1)."""
+def dense_losses(outputs: dict[str, dict], boxes: dict[str, torch.Tensor], heads: EncoderHeads,
+                 pos_weight: dict[str, dict[str, list[float]]] | None = None) -> dict[str, dict[str, torch.Tensor]]:
+    """``{kind: {dense task: mean over levels of binary cross-entropy}}`` over the items whose box is
+    not NaN; positive cells of level ``l`` weighted by ``pos_weight[kind][task][l]`` (default 1)."""
     out: dict[str, dict[str, torch.Tensor]] = {}
-    for kind, names in tasks.items():
-        if kind not in outputs or kind not in dense:
+    for kind, names in heads.dense.items():
+        if kind not in outputs or kind not in boxes:
             continue
         for j, task in enumerate(names):
-            y = dense[kind][:, j]                                            # [N_k, U]
-            valid = ~torch.isnan(y[:, 0])                                    # [N_k]
-            if bool(valid.any()):
-                w = torch.tensor(float(((pos_weight or {}).get(kind) or {}).get(task, 1.0)), device=y.device)
-                out.setdefault(kind, {})[task] = F.binary_cross_entropy_with_logits(
-                    outputs[kind][task][valid].float(), y[valid], pos_weight=w)
+            b = boxes[kind][:, j]                                            # [N_k, 6]
+            valid = ~torch.isnan(b[:, 0])
+            if not bool(valid.any()):
+                continue
+            weights = ((pos_weight or {}).get(kind) or {}).get(task) or [1.0] * len(heads.layouts[kind])
+            levels = [F.binary_cross_entropy_with_logits(
+                logits[valid].float(), lay.targets(b[valid]), pos_weight=torch.tensor(w, device=b.device))
+                for lay, logits, w in zip(heads.layouts[kind], outputs[kind][task], weights)]
+            out.setdefault(kind, {})[task] = torch.stack(levels).mean()
     return out
 
 
-def dense_pos_weights(items: Sequence[StageItem], tasks: dict[str, Sequence[str]],
-                      cap: float = 30.0) -> dict[str, dict[str, float]]:
-    """Balancing weight of the positive units of each dense task: negatives / positives over the
-    labelled units of ``items``, clipped to ``[1, cap]`` (a finding fills ~1 of 32 image cells)."""
-    out: dict[str, dict[str, float]] = {}
-    for kind, names in tasks.items():
-        rows = [it.dense for it in items if it.kind == kind and it.dense.numel()]
+def dense_pos_weights(items: Sequence[StageItem], heads: EncoderHeads, cap: float = 30.0,
+                      ) -> dict[str, dict[str, list[float]]]:
+    """Per kind, dense task and level: negatives / positives over the labelled cells of ``items``,
+    clipped to ``[1, cap]`` (a nodule fills ~1 of 500 cells of a 16 x 16 map on half the radiographs)."""
+    out: dict[str, dict[str, list[float]]] = {}
+    for kind, names in heads.dense.items():
+        rows = [it.boxes for it in items if it.kind == kind and it.boxes.numel()]
         if not rows:
             continue
-        y = torch.stack(rows)                                                # [N, R, U]
+        boxes = torch.stack(rows)                                            # [N, R, 6]
         for j, task in enumerate(names):
-            t = y[:, j][~torch.isnan(y[:, j, 0])]                            # [N', U]
-            pos = float(t.sum())
-            neg = float(t.numel()) - pos
-            out.setdefault(kind, {})[task] = round(min(cap, max(1.0, neg / pos)) if pos else 1.0, 3)
+            b = boxes[:, j][~torch.isnan(boxes[:, j, 0])]                     # [N', 6]
+            weights = []
+            for lay in heads.layouts[kind]:
+                pos = sum(float(lay.targets(chunk).sum()) for chunk in b.split(64))
+                neg = float(len(b) * lay.units) - pos
+                weights.append(round(min(cap, max(1.0, neg / pos)) if pos else 1.0, 3))
+            out.setdefault(kind, {})[task] = weights
     return out
 
 
-def make_stage_loss(dense_weight: float, pos_weight: dict[str, dict[str, float]] | None = None):
+def make_stage_loss(dense_weight: float, pos_weight: dict | None = None):
     """The loop's loss: per kind present, mean task loss + ``dense_weight`` * mean dense loss; summed
     over kinds. Per-kind values are returned as ``loss_<kind>`` for every kind of the heads (the loop
     wants the same keys each step): 0 on a batch without that kind."""
@@ -409,8 +485,7 @@ def make_stage_loss(dense_weight: float, pos_weight: dict[str, dict[str, float]]
     def stage_loss(module: _StageModule, batch: dict) -> dict:
         outputs = module(batch["inputs"])
         per_task = task_losses(outputs, batch["labels"], module.heads.tasks)
-        per_dense = (dense_losses(outputs, batch.get("dense") or {}, module.heads.dense, pos_weight)
-                     if dense_weight else {})
+        per_dense = dense_losses(outputs, batch.get("boxes") or {}, module.heads, pos_weight) if dense_weight else {}
         per_kind = {}
         for kind in outputs:
             parts = []
@@ -430,6 +505,7 @@ def make_stage_loss(dense_weight: float, pos_weight: dict[str, dict[str, float]]
     return stage_loss
 
 
+# ============================================================================= evaluation
 class _Scores:
     """Running sums of a metric per (kind, task)."""
 
@@ -451,12 +527,12 @@ class _Scores:
         return metrics, ns
 
 
-def _score_batch(scores: _Scores, module: _StageModule, outputs: dict, batch: dict) -> None:
+def _score_batch(scores: _Scores, heads: EncoderHeads, outputs: dict, batch: dict) -> None:
     from medmllm.data.phantoms.labels import REGRESSION_SCALES
 
     for kind, logits in outputs.items():
         y = batch["labels"][kind]
-        for j, (task, n) in enumerate(module.heads.tasks[kind].items()):
+        for j, (task, n) in enumerate(heads.tasks[kind].items()):
             valid = ~torch.isnan(y[:, j])
             pred = logits[task].float().cpu()[valid]
             if n > 0:
@@ -465,12 +541,12 @@ def _score_batch(scores: _Scores, module: _StageModule, outputs: dict, batch: di
                 scale = REGRESSION_SCALES.get((kind, task), (0.0, 1.0))[1]
                 total = ((pred[:, 0] - y[valid, j]).abs() * scale).sum().item()
             scores.add(kind, task, total, int(valid.sum()))
-        for j, task in enumerate(module.heads.dense.get(kind, ())):
-            target = batch["dense"][kind][:, j]                                 # [N_k, U]
-            hit = target.nan_to_num(0.0).amax(-1) > 0                           # items holding the finding
-            best = logits[task].float().cpu().argmax(-1)                        # [N_k]
-            found = target.nan_to_num(0.0).gather(1, best[:, None])[:, 0] > 0
-            scores.add(kind, task, float((found & hit).sum()), int(hit.sum()))
+        for j, task in enumerate(heads.dense.get(kind, ())):
+            target = heads.layouts[kind][-1].targets(batch["boxes"][kind][:, j]).nan_to_num(0.0)  # last map
+            has = target.amax(-1) > 0                                          # items holding the finding
+            best = logits[task][-1].float().cpu().argmax(-1)                   # [N_k]
+            found = target.gather(1, best[:, None])[:, 0] > 0
+            scores.add(kind, task, float((found & has).sum()), int(has.sum()))
 
 
 @torch.no_grad()
@@ -480,7 +556,8 @@ def evaluate_heads(module: _StageModule, items: Sequence[StageItem], batch_size:
 
     Metric: accuracy (fraction) for classification, mean absolute error in the value's units
     (e.g. bpm) for regression, and for a dense task the fraction of items holding the finding whose
-    highest-scoring feature-map cell overlaps it; tasks with no labelled item are left out.
+    highest-scoring cell of the last map (the output tokens, where the encoder has a token layout)
+    overlaps it; tasks with no labelled item are left out.
     Runs in eval mode (BatchNorm running statistics), restored afterwards.
     """
     was = module.training
@@ -490,7 +567,7 @@ def evaluate_heads(module: _StageModule, items: Sequence[StageItem], batch_size:
         for start in range(0, len(items), batch_size):
             batch = collate(items[start:start + batch_size])
             outputs = module({k: v.to(device) for k, v in batch["inputs"].items()})
-            _score_batch(scores, module, outputs, batch)
+            _score_batch(scores, module.heads, outputs, batch)
     finally:
         module.train(was)
     return scores.result()
@@ -551,8 +628,8 @@ def _save_heads(run_dir: Path, heads: EncoderHeads, result: dict) -> None:
     classes = {k: {t: LABEL_CLASSES.get(k, {}).get(t) for t in tasks} for k, tasks in heads.tasks.items()}
     write_json(run_dir / "heads.json", {
         "tasks": heads.tasks, "classes": classes, "dense": heads.dense,
-        "layouts": {k: dataclasses.asdict(v) for k, v in heads.layouts.items()},
-        "input": "tasks: [masked mean ; masked max] of the encoder tokens; dense: each unit's tokens"})
+        "layouts": {k: [dataclasses.asdict(lay) for lay in v] for k, v in heads.layouts.items()},
+        "input": "tasks: [masked mean ; masked max] of the encoder tokens; dense: each cell of a stem map"})
     write_json(run_dir / "encoder_stage.json", result)
 
 
@@ -562,11 +639,11 @@ def train_encoders(model, build_dir: str | Path, cfg: EncoderStageConfig, *,
 
     ``model``: a :class:`MedMLLM` (anything with ``.encoders``: ``{kind: module}``). Its encoders
     of the trained kinds are updated in place (their ``requires_grad`` flags, train/eval mode,
-    device and memory format are restored afterwards); nothing else in the model changes. With
-    ``cfg.resume`` a run directory holding checkpoints is continued. ``shapes`` must be the ones
-    the later stages load with. Returns ``{"val": {kind: {task: accuracy | MAE | hit rate}},
-    "val_n": {kind: {task: count}}, "kinds", "train_cases", "steps", "final_loss",
-    "train_seconds", "load_seconds", "samples_per_s", "run_dir"}``.
+    device and memory format are restored afterwards, the stage's hooks removed); nothing else in
+    the model changes. With ``cfg.resume`` a run directory holding checkpoints is continued.
+    ``shapes`` must be the ones the later stages load with. Returns ``{"val": {kind: {task:
+    accuracy | MAE | hit rate}}, "val_n": {kind: {task: count}}, "kinds", "train_cases", "steps",
+    "final_loss", "train_seconds", "load_seconds", "samples_per_s", "run_dir"}``.
     """
     from medmllm.data.phantoms.labels import LABEL_TASKS, REGION_TASKS
     from medmllm.train.engine import seed_everything
@@ -574,11 +651,11 @@ def train_encoders(model, build_dir: str | Path, cfg: EncoderStageConfig, *,
     t0 = time.perf_counter()
     cases = read_cases(build_dir)
     kinds = _stage_kinds(model, cases, cfg.kinds)
-    layouts = {k: lay for k in kinds if cfg.dense_weight and k in REGION_TASKS
-               for lay in [map_layout(model.encoders[k], k, shapes)] if lay is not None}
+    layouts = {k: lays for k in kinds if cfg.dense_weight and k in REGION_TASKS
+               for lays in [map_layouts(model.encoders[k], k, shapes)] if lays}
     loader = PartLoader(shapes, cache_items=0)   # each case is read once and kept as a tensor
-    train = load_items(build_dir, [c for c in cases if c.get("split") == "train"], kinds, loader, layouts)
-    val = load_items(build_dir, [c for c in cases if c.get("split") == cfg.eval_split], kinds, loader, layouts)
+    train = load_items(build_dir, [c for c in cases if c.get("split") == "train"], kinds, loader, list(layouts))
+    val = load_items(build_dir, [c for c in cases if c.get("split") == cfg.eval_split], kinds, loader, list(layouts))
     if not train:
         raise InputError(Path(build_dir) / "cases.jsonl", f"expected train-split cases of kinds {kinds}, found none")
     load_seconds = time.perf_counter() - t0
@@ -622,8 +699,9 @@ def _run(module: _StageModule, train: list[StageItem], val: list[StageItem], kin
     optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
     scheduler = _schedule(optimizer, cfg.warmup_steps, cfg.steps)
+    pos_weight = dense_pos_weights(train, module.heads, cfg.dense_pos_weight_cap)
     loop = TrainLoop(module, optimizer, scheduler, make_loader_factory(dataset, sampler, collate),
-                     make_stage_loss(cfg.dense_weight, dense_pos_weights(train, module.heads.dense)), run_dir=cfg.run_dir, max_steps=cfg.steps,
+                     make_stage_loss(cfg.dense_weight, pos_weight), run_dir=cfg.run_dir, max_steps=cfg.steps,
                      log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, keep_last=cfg.keep_last, mixed_precision="no",
                      grad_clip=cfg.grad_clip, seed=cfg.seed, tensorboard=cfg.tensorboard, accelerator=acc, config=cfg,
                      progress=progress)
@@ -637,9 +715,9 @@ def _run(module: _StageModule, train: list[StageItem], val: list[StageItem], kin
     return {"val": metrics, "val_n": counts, "kinds": kinds, "train_cases": len(train),
             "steps": out["step"], "final_loss": out["loss"], "train_seconds": round(train_seconds, 2),
             "samples_per_s": round((out["step"] - start_step) * sampler.global_batch_size / max(train_seconds, 1e-9), 2),
-            "run_dir": str(cfg.run_dir)}
+            "dense_pos_weight": pos_weight, "run_dir": str(cfg.run_dir)}
 
 
-__all__ = ["EncoderHeads", "EncoderStageConfig", "MapLayout", "StageItem", "collate", "dense_losses", "encode",
-           "dense_pos_weights", "evaluate_heads", "load_items", "make_stage_loss", "feature_map_module", "map_layout", "pool_features",
-           "read_cases", "task_losses", "train_encoders"]
+__all__ = ["EncoderHeads", "EncoderStageConfig", "MapLayout", "StageItem", "collate", "dense_losses",
+           "dense_pos_weights", "encode", "evaluate_heads", "feature_stem", "load_items", "make_stage_loss",
+           "map_layouts", "pool_features", "token_layout", "read_cases", "region_box", "task_losses", "train_encoders"]
