@@ -36,8 +36,11 @@ class QuickstartPlan:
 
     n_cases: int = 2000
     seed: int = 0
-    encoder_steps: int = 1200
-    encoder_batch: int = 32
+    encoder_steps: int = 400
+    encoder_batch: int = 40
+    # share of encoder-stage samples per kind: small image findings need the most steps
+    encoder_kind_weights: dict = dataclasses.field(
+        default_factory=lambda: {"image": 0.7, "volume": 0.1, "signal": 0.1, "ehr": 0.1})
     align_steps: int = 150
     instruct_steps: int = 900
     batch_size: int = 32
@@ -145,7 +148,8 @@ def stage_encoder(out: Path, data: Path, tok, plan: QuickstartPlan, progress: bo
         return json.loads((out / "encoder" / "encoder_metrics.json").read_text())
     model, tok = small(tokenizer=tok, seed=plan.seed)
     cfg = load_config({"data": str(data), "run_dir": str(out / "encoder"), "steps": plan.encoder_steps,
-                       "batch_size": plan.encoder_batch, "seed": plan.seed}, [], schema=EncoderStageConfig)
+                       "batch_size": plan.encoder_batch, "seed": plan.seed,
+                       "kind_weights": plan.encoder_kind_weights}, [], schema=EncoderStageConfig)
     metrics = train_encoders(model, data, cfg, progress=progress)
     model.save_pretrained(target)
     tok.save_pretrained(target)

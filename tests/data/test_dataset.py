@@ -83,6 +83,23 @@ def test_volume_lesion_is_where_the_truth_says(phantom):
     assert differs and d0 <= min(differs) and max(differs) <= d1
 
 
+def test_multi_window_volume_has_one_channel_per_window(phantom):
+    out, cases, recs = phantom
+    case = next(c for c in cases.values() if c["modality"] == "ct3d")
+    part = {"type": "volume", "path": case["files"]["nifti"]}
+    shapes = ModalityShapes(volume_window="multi", volume_windows=("lung", "liver", "abdomen"))
+    x, _ = PartLoader(shapes)(part, out)
+    assert shapes.volume_channels == 3 and x.shape == (3, 32, 64, 64)
+    for k, name in enumerate(shapes.volume_windows):     # each channel = that single window
+        one, _ = PartLoader(ModalityShapes(volume_window=name))(part, out)
+        torch.testing.assert_close(x[k], one[0])
+
+
+def test_volume_windows_must_be_three():
+    with pytest.raises(Exception, match="volume_windows"):
+        ModalityShapes(volume_windows=("lung", "liver"))
+
+
 def test_ecg_keeps_heart_rate_after_resampling(phantom):
     from scipy.signal import find_peaks
 

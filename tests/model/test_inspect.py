@@ -188,6 +188,16 @@ def test_modality_shapes_for_the_tiny_model():
         modality_shapes_for(model, image_sise=3)
 
 
+def test_a_three_channel_volume_encoder_gets_three_windows():
+    from medmllm.model.builders import small
+
+    model, _ = small(modalities=("volume",))
+    assert modality_shapes_for(model).volume_window == "multi"         # small's slice encoder takes 3 channels
+    assert modality_shapes_for(model, volume_window="lung").volume_window == "lung"   # an explicit choice wins
+    tiny_model, _ = _model()
+    assert modality_shapes_for(tiny_model).volume_window == "abdomen"  # 1 channel: the single default window
+
+
 @pytest.mark.parametrize("which", ["png", "dicom"])
 def test_cli_inspect_prints_the_flow(tmp_path, which):
     from typer.testing import CliRunner

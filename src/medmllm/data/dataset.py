@@ -4,7 +4,9 @@
 
 * ``image``  -> ``[C, S, S]`` float32 in [0, 1] (CT in a window preset or three windows as RGB,
   other images percentile-normalised), letterboxed to ``S``;
-* ``volume`` -> ``[1, D, H, W]`` float32 in [0, 1] (windowed HU), resized to ``volume_shape``;
+* ``volume`` -> ``[1, D, H, W]`` float32 in [0, 1] (windowed HU), resized to ``volume_shape``; with
+  ``volume_window="multi"`` ``[3, D, H, W]``, one channel per window of ``volume_windows`` (a lung
+  nodule and a liver lesion are never both visible in one window);
 * ``signal`` -> ``[leads, T]`` float32, resampled to ``signal_fs``, standard leads, z-scored per lead;
 * ``ehr``    -> ``[F, 2]`` float32: column 0 the z-scored latest value of each feature in
   ``ehr_features``, column 1 the missing flag (1 = missing; the value there is 0 and means nothing).
@@ -47,14 +49,22 @@ class ModalityShapes:
     image_channels: int = 1
     volume_shape: tuple[int, int, int] = (32, 64, 64)
     volume_window: str = "abdomen"
+    volume_windows: tuple[str, str, str] = ("lung", "liver", "abdomen")   # channels when volume_window="multi"
     signal_fs: float = 250.0
     signal_samples: int = 2500
     signal_leads: tuple[str, ...] = P.STANDARD_12_LEADS
     ehr_features: tuple[str, ...] = DEFAULT_EHR_FEATURES
 
+    @property
+    def volume_channels(self) -> int:
+        """Channels of a volume tensor: 3 for ``volume_window="multi"``, else 1."""
+        return 3 if self.volume_window == "multi" else 1
+
     def __post_init__(self) -> None:
         if self.image_channels not in (1, 3):
             raise ConfigError(f"image_channels: expected 1 or 3, got {self.image_channels!r}")
+        if len(tuple(self.volume_windows)) != 3:
+            raise ConfigError(f"volume_windows: expected 3 window presets, got {self.volume_windows!r}")
         unknown = [f for f in self.ehr_features if f not in P.EHR_REFERENCE_RANGES]
         if unknown:
             raise ConfigError(f"ehr_features: no reference range for {unknown}; known: {sorted(P.EHR_REFERENCE_RANGES)}")
@@ -125,11 +135,15 @@ class PartLoader:
     def _volume(self, part: dict, base_dir) -> tuple[torch.Tensor, None]:
         vol, _ = self._read(part, base_dir)                           # (D, H, W) HU, canonical orientation
         window = (part.get("options") or {}).get("window") or self.shapes.volume_window
-        x = torch.from_numpy(np.ascontiguousarray(P.window_preset(vol, window), dtype=np.float32))
-        if tuple(x.shape) != tuple(self.shapes.volume_shape):
-            x = torch.nn.functional.interpolate(x[None, None], size=self.shapes.volume_shape, mode="trilinear",
-                                                align_corners=False)[0, 0]
-        return x[None].contiguous(), None                             # [1, D, H, W]
+        if window == "multi":                                          # [3, D, H, W]
+            x = torch.from_numpy(np.ascontiguousarray(
+                np.moveaxis(P.multi_window_rgb(vol, self.shapes.volume_windows), -1, 0), dtype=np.float32))
+        else:                                                          # [1, D, H, W]
+            x = torch.from_numpy(np.ascontiguousarray(P.window_preset(vol, window), dtype=np.float32))[None]
+        if tuple(x.shape[1:]) != tuple(self.shapes.volume_shape):
+            x = torch.nn.functional.interpolate(x[None], size=self.shapes.volume_shape, mode="trilinear",
+                                                align_corners=False)[0]
+        return x.contiguous(), None                                   # [C, D, H, W]
 
     def _signal(self, part: dict, base_dir) -> tuple[torch.Tensor, None]:
         sig, meta = self._read(part, base_dir)                        # (leads, samples), meta fs + lead names

@@ -60,7 +60,11 @@ def predict(model, tokenizer, records: Sequence[dict], base_dir: str | os.PathLi
 
     if ablation not in ABLATIONS:
         raise ConfigError(f"ablation: expected one of {ABLATIONS}, got {ablation!r}")
-    ds = RecordDataset(list(records), PartLoader(shapes or ModalityShapes(), cache_items=4096), base_dir=base_dir)
+    if shapes is None:                                                 # what the model's encoders fix
+        from medmllm.model.inspect import modality_shapes_for
+
+        shapes = modality_shapes_for(model)
+    ds = RecordDataset(list(records), PartLoader(shapes, cache_items=4096), base_dir=base_dir)
     collate = MultimodalCollator(tokenizer, max_length=max_length, num_tokens_fn=model.num_tokens,
                                  truncation="drop", train=False)
     gen = torch.Generator().manual_seed(seed)

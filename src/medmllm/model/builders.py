@@ -171,7 +171,8 @@ def example_input(kind: str, generator: torch.Generator | None = None, size: int
 
 def small_encoder_specs(ehr_features: int | None = None, leads: int = 12) -> dict[str, dict]:
     """Encoders of :func:`small` (widths 128/64): image 17 tokens, volume ``2 D + 1``, signal
-    ``ceil(T / 50)`` (e.g. 2500 samples -> 50), ehr one token per feature."""
+    ``ceil(T / 50)`` (e.g. 2500 samples -> 50), ehr one token per feature. The volume encoder takes
+    3 channels: the CT windows of ``ModalityShapes.volume_windows`` (``volume_window="multi"``)."""
     if ehr_features is None:
         from medmllm.data.dataset import DEFAULT_EHR_FEATURES
 
@@ -179,7 +180,7 @@ def small_encoder_specs(ehr_features: int | None = None, leads: int = 12) -> dic
     return {
         "image": {"name": "cnn_image", "kwargs": dict(in_channels=1, width=16, depth=4, out_dim=128, grid=4)},
         "volume": {"name": "slice3d", "kwargs": dict(
-            image_encoder={"name": "cnn_image", "in_channels": 1, "width": 8, "depth": 3, "out_dim": 128,
+            image_encoder={"name": "cnn_image", "in_channels": 3, "width": 8, "depth": 3, "out_dim": 128,
                            "grid": 2}, k=2)},
         "signal": {"name": "ecg", "kwargs": dict(n_leads=leads, dim=128, depth=2, heads=4, patch=[5, 5, 2])},
         "ehr": {"name": "ehr", "kwargs": dict(n_features=ehr_features, dim=64, depth=1, heads=4)},

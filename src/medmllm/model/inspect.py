@@ -258,6 +258,10 @@ def modality_shapes_for(model, **overrides):
         if "ehr_features" not in kw and n != len(DEFAULT_EHR_FEATURES):
             raise ConfigError(f"the EHR encoder takes {n} features: pass ehr_features (their names)")
         _merge(kw, {"ehr_features": tuple(kw.get("ehr_features") or DEFAULT_EHR_FEATURES)}, "ehr", n=n)
+    if "volume" in enc and "volume_window" not in kw:               # a 3-channel volume encoder: 3 windows
+        inner = getattr(enc["volume"], "image_encoder", enc["volume"])
+        if int(getattr(inner, "in_channels", 1)) == 3:
+            kw["volume_window"] = "multi"
     if "volume_shape" in kw:
         kw["volume_shape"] = tuple(int(s) for s in kw["volume_shape"])
     return ModalityShapes(**kw)

@@ -634,14 +634,15 @@ def _save_heads(run_dir: Path, heads: EncoderHeads, result: dict) -> None:
 
 
 def train_encoders(model, build_dir: str | Path, cfg: EncoderStageConfig, *,
-                   shapes: ModalityShapes = ModalityShapes(), progress: bool = True) -> dict:
+                   shapes: ModalityShapes | None = None, progress: bool = True) -> dict:
     """Train ``model.encoders`` with supervised heads on a MedPhantom build (see module doc).
 
     ``model``: a :class:`MedMLLM` (anything with ``.encoders``: ``{kind: module}``). Its encoders
     of the trained kinds are updated in place (their ``requires_grad`` flags, train/eval mode,
     device and memory format are restored afterwards, the stage's hooks removed); nothing else in
     the model changes. With ``cfg.resume`` a run directory holding checkpoints is continued.
-    ``shapes`` must be the ones the later stages load with. Returns ``{"val": {kind: {task:
+    ``shapes`` must be the ones the later stages load with (None: what the encoders fix, see
+    :func:`medmllm.model.inspect.modality_shapes_for`, as the SFT stages and evaluation use). Returns ``{"val": {kind: {task:
     accuracy | MAE | hit rate}}, "val_n": {kind: {task: count}}, "kinds", "train_cases", "steps",
     "final_loss", "train_seconds", "load_seconds", "samples_per_s", "run_dir"}``.
     """
@@ -649,6 +650,10 @@ def train_encoders(model, build_dir: str | Path, cfg: EncoderStageConfig, *,
     from medmllm.train.engine import seed_everything
 
     t0 = time.perf_counter()
+    if shapes is None:
+        from medmllm.model.inspect import modality_shapes_for
+
+        shapes = modality_shapes_for(model)
     cases = read_cases(build_dir)
     kinds = _stage_kinds(model, cases, cfg.kinds)
     layouts = {k: lays for k in kinds if cfg.dense_weight and k in REGION_TASKS

@@ -238,7 +238,9 @@ def run(cfg: SFTConfig, progress: bool = True) -> dict:
     optimizer = torch.optim.AdamW([{"params": g["params"], "lr": g["lr"]} for g in groups],
                                   weight_decay=cfg.optim.weight_decay)
     scheduler = make_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
-    shapes = ModalityShapes(image_size=cfg.data.image_size, image_channels=cfg.data.image_channels)
+    from medmllm.model.inspect import modality_shapes_for
+
+    shapes = modality_shapes_for(model, image_size=cfg.data.image_size)   # channels etc. as the encoders fix them
     dataset = _MultiBaseDataset(records, bases, PartLoader(shapes, cache_items=20000))
     collate = skip_bad_items(MultimodalCollator(tokenizer, max_length=cfg.data.max_length,
                                                 num_tokens_fn=model.num_tokens, truncation=cfg.data.truncation))
