@@ -57,7 +57,8 @@ def read_cmd(
 
 @app.command("convert")
 def convert_cmd(
-    name: str = typer.Argument(..., help="Dataset converter: vqa_rad, slake, pathvqa, pmc_vqa, mimic_cxr, iu_xray."),
+    name: str = typer.Argument(..., help="Dataset converter: vqa_rad, slake, pathvqa, pmc_vqa, mimic_cxr, iu_xray, "
+                                         "omnimedvqa, medxpertqa_mm, gmai_mmbench, mediconfusion."),
     src: Path = typer.Option(..., "--src", help="Folder holding the dataset's official files."),
     out: Path = typer.Option(..., "--out", help="Output JSONL; a split manifest is written next to it."),
     splits: Optional[List[str]] = typer.Option(None, "--split", help="Only these splits/source files (repeatable)."),
@@ -66,12 +67,16 @@ def convert_cmd(
                                     help="Include image bytes in the manifest hashes (slow for very large datasets)."),
     lang: Optional[str] = typer.Option(None, help="SLAKE only: en, zh or both."),
     section: Optional[str] = typer.Option(None, help="MIMIC-CXR only: findings, impression or both."),
+    access: Optional[str] = typer.Option(None, help="OmniMedVQA only: open, restricted or both."),
+    image_dir: Optional[Path] = typer.Option(None, "--image-dir",
+                                             help="GMAI-MMBench only: where to write the images decoded from the TSV."),
 ) -> None:
     """Convert a public medical dataset's local files to medmllm's instruction format."""
     from medmllm.data.converters import convert
 
     try:
-        options = {k: v for k, v in (("lang", lang), ("section", section)) if v is not None}
+        options = {k: v for k, v in (("lang", lang), ("section", section), ("access", access),
+                                     ("image_dir", image_dir)) if v is not None}
         report = convert(name, src, out, splits=splits, limit=limit, hash_files=hash_files, **options)
     except MedmllmError as exc:
         _fail(exc)

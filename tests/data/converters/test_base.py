@@ -18,7 +18,8 @@ from .fixtures import assert_paths_resolve, make_vqa_rad, write_image
 
 
 def test_registry_names():
-    assert CONVERTERS.names() == ["iu_xray", "mimic_cxr", "pathvqa", "pmc_vqa", "slake", "vqa_rad"]
+    assert CONVERTERS.names() == ["gmai_mmbench", "iu_xray", "mediconfusion", "medxpertqa_mm", "mimic_cxr", "omnimedvqa", "pathvqa",
+                                 "pmc_vqa", "slake", "vqa_rad"]
     with pytest.raises(ConfigError, match="unknown converter 'VQA-RAD'"):
         convert("VQA-RAD", ".", "x.jsonl")
 

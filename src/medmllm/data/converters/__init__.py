@@ -16,8 +16,12 @@ import os
 from typing import Any, Sequence
 
 from medmllm.data.converters.base import ConvertReport, Converter, Skip, run
+from medmllm.data.converters.gmai_mmbench import convert_gmai_mmbench
 from medmllm.data.converters.iu_xray import convert_iu_xray
+from medmllm.data.converters.mediconfusion import convert_mediconfusion
+from medmllm.data.converters.medxpertqa import convert_medxpertqa
 from medmllm.data.converters.mimic_cxr import convert_mimic_cxr
+from medmllm.data.converters.omnimedvqa import convert_omnimedvqa
 from medmllm.data.converters.pathvqa import convert_pathvqa
 from medmllm.data.converters.pmc_vqa import convert_pmc_vqa
 from medmllm.data.converters.slake import convert_slake
@@ -31,6 +35,10 @@ CONVERTERS.register("pathvqa", convert_pathvqa)
 CONVERTERS.register("pmc_vqa", convert_pmc_vqa)
 CONVERTERS.register("mimic_cxr", convert_mimic_cxr)
 CONVERTERS.register("iu_xray", convert_iu_xray)
+CONVERTERS.register("omnimedvqa", convert_omnimedvqa)
+CONVERTERS.register("medxpertqa_mm", convert_medxpertqa)
+CONVERTERS.register("gmai_mmbench", convert_gmai_mmbench)
+CONVERTERS.register("mediconfusion", convert_mediconfusion)
 
 
 def convert(name: str, src: str | os.PathLike, out: str | os.PathLike, *, splits: Sequence[str] | str | None = None,
