@@ -24,6 +24,11 @@ def _main() -> None:
     """medmllm command line."""
 
 
+from medmllm.eval.cli import eval_app  # noqa: E402  (a typer sub-app; its heavy imports are lazy)
+
+app.add_typer(eval_app, name="eval")
+
+
 @app.command("read")
 def read_cmd(
     path: Path = typer.Argument(..., help="A DICOM/NIfTI/PNG/JPEG/TIFF/WFDB/CSV/JSON file or a DICOM series folder."),

@@ -117,7 +117,7 @@ def _done(path: Path) -> bool:
 def stage_data(out: Path, plan: QuickstartPlan, progress: bool) -> Path:
     from medmllm.data.phantoms.build import build_phantoms
 
-    data = out / "data"
+    data = out / "data" / "medphantom"      # the layout `medmllm eval --data-root OUT/data` expects
     build_phantoms(data, plan.n_cases, seed=plan.seed, progress=progress)
     return data
 
