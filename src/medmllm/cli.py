@@ -123,7 +123,7 @@ def phantoms_cmd(
 
 @app.command("train")
 def train_cmd(
-    recipe: Path = typer.Argument(..., help="Recipe YAML (stage: alignment | instruction | encoder)."),
+    recipe: Path = typer.Argument(..., help="Recipe YAML (stage: encoder | alignment | instruction | dpo | grpo)."),
     overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides, e.g. train.max_steps=500"),
 ) -> None:
     """Run one training stage from a recipe YAML with key=value overrides."""
@@ -143,8 +143,16 @@ def train_cmd(
             from medmllm.train.encoder_stage import run_from_config
 
             summary = run_from_config(recipe, overrides or [])
+        elif stage == "dpo":
+            from medmllm.train.dpo import DPOConfig, run as run_dpo
+
+            summary = run_dpo(load_config(recipe, overrides or [], schema=DPOConfig))
+        elif stage == "grpo":
+            from medmllm.train.grpo import GRPOConfig, run as run_grpo
+
+            summary = run_grpo(load_config(recipe, overrides or [], schema=GRPOConfig))
         else:
-            raise ConfigError(f"{recipe}: stage: expected alignment, instruction or encoder, got {stage!r}")
+            raise ConfigError(f"{recipe}: stage: expected alignment, instruction, encoder, dpo or grpo, got {stage!r}")
     except MedmllmError as exc:
         _fail(exc)
     typer.echo(json.dumps(summary, indent=2, default=str))

@@ -442,6 +442,10 @@ def build_phantoms(out_dir: str | os.PathLike, n: int, seed: int = 0, *, workers
     write_records(rec_dir / "alignment.jsonl", alignment)
     write_manifest(rec_dir / "manifest.json", [r for s in by_split.values() for r in s], base_dir=rec_dir)
     write_jsonl(out / "cases.jsonl", cases)
+    from medmllm.data.phantoms.preference import build_preference
+    from medmllm.data.phantoms.reasoning import build_reasoning
+
+    preference, reasoning = build_preference(out, seed), build_reasoning(out, seed)   # read cases.jsonl
 
     written = [r for s in by_split.values() for r in s] + alignment
     summary = {
@@ -453,6 +457,8 @@ def build_phantoms(out_dir: str | os.PathLike, n: int, seed: int = 0, *, workers
         "patients": {s: len({c["patient_id"] for c in cases if c["split"] == s}) for s in by_split},
         "splits": {s: len(v) for s, v in by_split.items()},
         "alignment": len(alignment),
+        "preference": preference,
+        "reasoning": reasoning,
         "templates": answer_stats(written),
         "balance_dropped": dropped,
         "failed": failed,
