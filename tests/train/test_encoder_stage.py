@@ -54,6 +54,9 @@ def test_map_layout_flatten_orders_depth_rows_cols():
     assert torch.equal(per_slice, tokens[:, 1:8:2])                          # max of a slice = its 2nd token
     grid = MapLayout("", 3, 2, 2, source="tokens").flatten(tokens, 2)
     assert torch.equal(grid, tokens[:, :4])
+    fmap3d = torch.randn(5, 2, 4, 2, 3)                                     # a 3D stem map [B, C, D, h, w]
+    cells3d = vol.flatten(fmap3d, 5)
+    assert torch.equal(cells3d[3, 2 * 6 + 1 * 3 + 2], fmap3d[3, :, 2, 1, 2])   # item 3, slice 2, row 1, col 2
 
 
 def test_map_layouts_of_the_small_and_tiny_encoders():
@@ -64,10 +67,11 @@ def test_map_layouts_of_the_small_and_tiny_encoders():
     assert map_layouts(model.encoders["image"], "image", shapes) == [
         MapLayout("11", 32, 64, 64), MapLayout("17", 64, 32, 32), MapLayout("23", 128, 16, 16),
         MapLayout("", 128, 4, 4, source="tokens")]
-    # small slice CNN (width 8, 3 blocks) on 64 px slices, 32 of them; then 2 tokens per slice
+    # small 3D CNN (width 8, 3 levels) on a 32 x 64 x 64 volume: levels 1 and 2 at 16x32x32 and 8x16x16,
+    # then its 4 x 2 x 2 grid tokens of width 128
     assert map_layouts(model.encoders["volume"], "volume", shapes) == [
-        MapLayout("11", 16, 32, 32, 32), MapLayout("17", 32, 16, 16, 32),
-        MapLayout("", 128, 1, 1, 32, source="tokens", per_slice=2)]
+        MapLayout("1", 16, 32, 32, 16), MapLayout("2", 32, 16, 16, 8),
+        MapLayout("", 128, 2, 2, 4, source="tokens")]
     assert map_layouts(model.encoders["signal"], "signal", shapes) == []
     model, _ = tiny()
     assert map_layouts(model.encoders["image"], "image", SHAPES) == [

@@ -4,7 +4,7 @@
 
 - ``tiny``: random few-thousand-parameter models of every LLM family for tests (hidden 32).
 - ``small``: a ~4M-parameter model for the CPU quickstart (CNN image encoder with a 4x4 grid +
-  global token = 17 tokens, slice-wise CNN volume encoder, ECG transformer, EHR feature
+  global token = 17 tokens, 3D CNN volume encoder (17 tokens), ECG transformer, EHR feature
   tokenizer, MLP projectors, a 4-layer Llama-style decoder of width 256).
 - ``from_hub``: pretrained weights (a Hugging Face vision tower + a causal LM) from the hub or
   local folders via ``from_pretrained``; remote code is never trusted unless asked for.
@@ -170,7 +170,7 @@ def example_input(kind: str, generator: torch.Generator | None = None, size: int
 # ----------------------------------------------------------------------------- small
 
 def small_encoder_specs(ehr_features: int | None = None, leads: int = 12) -> dict[str, dict]:
-    """Encoders of :func:`small` (widths 128/64): image 17 tokens, volume ``2 D + 1``, signal
+    """Encoders of :func:`small` (widths 128/64): image 17 tokens, volume 17 (a 3D CNN), signal
     ``ceil(T / 50)`` (e.g. 2500 samples -> 50), ehr one token per feature. The volume encoder takes
     3 channels: the CT windows of ``ModalityShapes.volume_windows`` (``volume_window="multi"``)."""
     if ehr_features is None:
@@ -179,9 +179,8 @@ def small_encoder_specs(ehr_features: int | None = None, leads: int = 12) -> dic
         ehr_features = len(DEFAULT_EHR_FEATURES)
     return {
         "image": {"name": "cnn_image", "kwargs": dict(in_channels=1, width=16, depth=4, out_dim=128, grid=4)},
-        "volume": {"name": "slice3d", "kwargs": dict(
-            image_encoder={"name": "cnn_image", "in_channels": 3, "width": 8, "depth": 3, "out_dim": 128,
-                           "grid": 2}, k=2)},
+        "volume": {"name": "cnn_volume", "kwargs": dict(in_channels=3, width=8, depth=3, out_dim=128,
+                                                        grid=[4, 2, 2])},
         "signal": {"name": "ecg", "kwargs": dict(n_leads=leads, dim=128, depth=2, heads=4, patch=[5, 5, 2])},
         "ehr": {"name": "ehr", "kwargs": dict(n_features=ehr_features, dim=64, depth=1, heads=4)},
     }

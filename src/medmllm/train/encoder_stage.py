@@ -62,7 +62,7 @@ class EncoderStageConfig:
 
     Speed on CPU (2 cores, builders.small, measured): ``mixed_precision: bf16`` autocasts the
     encoders of ``bf16_kinds`` (None: all) — image 3-8x faster, volume 1.5x, signal ~1.1x, ehr
-    slower (so it is left out by default); ``channels_last`` keeps 4-D conv weights in that memory
+    slower (so it is left out by default); ``channels_last`` keeps 4-D (5-D: channels_last_3d) conv weights in that memory
     format while training (image/volume convolutions 1.4-5x faster; restored afterwards).
     """
 
@@ -142,13 +142,16 @@ class MapLayout:
         return out.masked_fill(torch.isnan(boxes[:, :1]), math.nan)              # [N, units]
 
     def flatten(self, fmap: torch.Tensor, batch: int) -> torch.Tensor:
-        """Stem map ``[batch * depth, channels, rows, cols]`` or encoder tokens ``[batch, N, channels]``
+        """Stem map ``[batch * depth, channels, rows, cols]`` (3D stems: ``[batch, channels, depth, rows,
+        cols]``) or encoder tokens ``[batch, N, channels]``
         -> ``[batch, units, channels]``."""
         if self.source == "tokens":
             if self.per_slice:                                               # [B, D*k, e] -> max per slice
                 return fmap[:, : self.depth * self.per_slice].reshape(
                     batch, self.depth, self.per_slice, self.channels).amax(2)
             return fmap[:, : self.units]                                     # grid cells, row-major
+        if fmap.ndim == 5:                                                   # 3D map [B, C, d, r, c]
+            return fmap.permute(0, 2, 3, 4, 1).reshape(batch, self.units, self.channels)
         x = fmap.reshape(batch, self.depth, self.channels, self.rows, self.cols)
         return x.permute(0, 1, 3, 4, 2).reshape(batch, self.units, self.channels)
 
@@ -168,8 +171,8 @@ def region_box(region: tuple[float, ...] | None) -> torch.Tensor:
 
 def feature_stem(encoder: nn.Module, kind: str) -> nn.Module | None:
     """The convolutional stem the dense tasks read: an image encoder's ``stem``, a slice-wise volume
-    encoder's ``image_encoder.stem``; None when the encoder has none."""
-    inner = encoder if kind == "image" else getattr(encoder, "image_encoder", None) if kind == "volume" else None
+    encoder's ``image_encoder.stem``, a 3D CNN volume encoder's ``stem``; None when there is none."""
+    inner = encoder if kind == "image" else getattr(encoder, "image_encoder", encoder) if kind == "volume" else None
     stem = getattr(inner, "stem", None)
     return stem if isinstance(stem, nn.Module) else None
 
@@ -184,6 +187,11 @@ def token_layout(encoder: nn.Module, kind: str, shapes: ModalityShapes) -> MapLa
             n = encoder.num_tokens((shapes.image_channels, shapes.image_size, shapes.image_size))
             if isinstance(g, int) and g > 0 and dim and n in (g * g, g * g + 1):
                 return MapLayout("", dim, g, g, source="tokens")
+        grid3 = getattr(encoder, "grid", None)
+        if kind == "volume" and isinstance(grid3, tuple) and len(grid3) == 3 and dim:   # 3D cells, depth-major
+            n = encoder.num_tokens((shapes.volume_channels, *shapes.volume_shape))
+            if n in (math.prod(grid3), math.prod(grid3) + 1):
+                return MapLayout("", dim, grid3[1], grid3[2], grid3[0], source="tokens")
         if kind == "volume":
             k, depth = getattr(encoder, "k", None), int(shapes.volume_shape[0])
             if isinstance(k, int) and k > 0 and dim and encoder.num_tokens((1, *shapes.volume_shape)) == depth * k + 1:
@@ -207,10 +215,12 @@ def _stem_layouts(encoder: nn.Module, kind: str, shapes: ModalityShapes) -> list
     stem = feature_stem(encoder, kind)
     if stem is None:
         return []
-    inner = encoder if kind == "image" else encoder.image_encoder
+    inner = encoder if kind == "image" else getattr(encoder, "image_encoder", encoder)
+    is_3d = kind == "volume" and inner is encoder                  # a 3D stem maps [1, C, D, H, W]
     depth, rows, cols = ((1, shapes.image_size, shapes.image_size) if kind == "image"
                          else tuple(int(n) for n in shapes.volume_shape))
     channels = int(getattr(inner, "in_channels", shapes.image_channels if kind == "image" else 1))
+    full = (depth, rows, cols) if is_3d else (rows, cols)
     children = list(stem.named_children()) or [("", stem)]
     seen: dict[str, tuple] = {}
     hooks = [m.register_forward_hook(lambda mod, a, out, name=name: seen.__setitem__(name, tuple(out.shape)))
@@ -219,19 +229,22 @@ def _stem_layouts(encoder: nn.Module, kind: str, shapes: ModalityShapes) -> list
     was = stem.training
     try:
         stem.eval()
-        stem(torch.zeros(1, channels, rows, cols, device=param.device if param is not None else None))
+        dummy = (1, channels, depth, rows, cols) if is_3d else (1, channels, rows, cols)
+        stem(torch.zeros(dummy, device=param.device if param is not None else None))
     except (RuntimeError, InputError):
         return []
     finally:
         stem.train(was)
         for h in hooks:
             h.remove()
-    last: dict[tuple[int, int], MapLayout] = {}
+    last: dict[tuple[int, ...], MapLayout] = {}
     for name, _ in children:                               # in order: the last child of a level wins
         shape = seen.get(name)
-        if shape is not None and len(shape) == 4 and tuple(shape[2:]) != (rows, cols):
-            last[tuple(shape[2:])] = MapLayout(name, int(shape[1]), int(shape[2]), int(shape[3]), depth)
-    return sorted(last.values(), key=lambda lay: -lay.rows * lay.cols)
+        if shape is None or len(shape) != len(full) + 2 or tuple(shape[2:]) == full:
+            continue
+        d = int(shape[2]) if is_3d else depth
+        last[tuple(shape[2:])] = MapLayout(name, int(shape[1]), int(shape[-2]), int(shape[-1]), d)
+    return sorted(last.values(), key=lambda lay: -lay.units)
 
 
 # ============================================================================= heads
@@ -677,7 +690,10 @@ def train_encoders(model, build_dir: str | Path, cfg: EncoderStageConfig, *,
     devices = {k: next(model.encoders[k].parameters()).device for k in kinds}
     module.requires_grad_(True)
     if cfg.channels_last:
-        module.to(memory_format=torch.channels_last)   # 4-D conv weights only; same Parameter objects
+        for param in module.parameters():              # conv weights only; same Parameter objects
+            if param.ndim in (4, 5):
+                param.data = param.data.contiguous(
+                    memory_format=torch.channels_last if param.ndim == 4 else torch.channels_last_3d)
     try:
         result = _run(module, train, val, kinds, cfg, progress)
     finally:

@@ -213,7 +213,7 @@ def test_cnn_wrong_input():
 
 
 def test_encoder_registry_names():
-    assert ENCODERS.names() == sorted(["hf_image", "cnn_image", "volume_vit", "slice3d", "ecg", "ehr"])
+    assert ENCODERS.names() == sorted(["hf_image", "cnn_image", "volume_vit", "slice3d", "cnn_volume", "ecg", "ehr"])
     enc = build_encoder("cnn_image", in_channels=1, width=4, depth=1, out_dim=8, grid=2)
     assert isinstance(enc, CNNImageEncoder) and enc.num_tokens((1, 16, 16)) == 5
     with pytest.raises(ConfigError):

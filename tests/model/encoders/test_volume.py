@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from medmllm.errors import ConfigError, InputError
-from medmllm.model.encoders import (CNNImageEncoder, SliceEncoder3D, VolumePatchViT, build_encoder,
-                                    tiny_cnn_image_encoder)
+from medmllm.model.encoders import (CNNImageEncoder, CNNVolumeEncoder, SliceEncoder3D, VolumePatchViT,
+                                    build_encoder, tiny_cnn_image_encoder)
 
 
 def _volume(shape, seed=0):
@@ -200,3 +200,36 @@ def test_slice_errors():
         enc(_volume((1, 3, 16, 16)))
     with pytest.raises(ConfigError):
         build_encoder("slice3d", image_encoder={"width": 4})
+
+
+# ----------------------------------------------------------------------------- CNNVolumeEncoder
+
+def test_cnn_volume_tokens_and_registry():
+    enc = build_encoder("cnn_volume", in_channels=3, width=4, depth=3, out_dim=16, grid=[4, 2, 2])
+    assert isinstance(enc, CNNVolumeEncoder) and enc.num_tokens((3, 32, 64, 64)) == 4 * 2 * 2 + 1
+    out = enc(_volume((2, 3, 32, 64, 64)))
+    assert out.features.shape == (2, 17, 16) and bool(out.mask.all())
+    assert enc(_volume((1, 3, 12, 40, 24))).features.shape == (1, 17, 16)    # any size: same N
+    with pytest.raises(InputError, match="channels"):
+        enc(_volume((1, 1, 32, 64, 64)))
+    with pytest.raises(ConfigError):
+        CNNVolumeEncoder(width=0)
+
+
+def test_cnn_volume_a_small_lesion_reaches_only_its_cell_and_the_global_token():
+    torch.manual_seed(0)
+    enc = CNNVolumeEncoder(in_channels=1, width=2, depth=3, out_dim=8, grid=(2, 2, 2)).eval()
+    base = torch.zeros(1, 1, 64, 64, 64)
+    lesion = base.clone()
+    # a 3-voxel cube at 13..15 on every axis: cell (0, 0, 0) covers 0..31, and the stem's receptive
+    # field (21 voxels: 3, then +2 x 2 at stride 2, then +2 x 4 at stride 4) keeps it inside
+    lesion[0, 0, 13:16, 13:16, 13:16] = 5.0
+    a, b = enc(base).features[0], enc(lesion).features[0]    # [9, 8]
+    changed = (a - b).abs().amax(dim=1) > 1e-6
+    # cells are depth-major then row-major: cell (0, 0, 0) is token 0; the global token is the last
+    assert changed[0] and changed[-1] and not changed[1:-1].any()
+
+
+def test_cnn_volume_grads_finite():
+    enc = CNNVolumeEncoder(in_channels=1, width=4, depth=2, out_dim=8, grid=(2, 2, 2))
+    _check_finite_grads(enc, _weighted_loss(enc(_volume((2, 1, 8, 16, 16))).features))

@@ -8,6 +8,7 @@ name           builder                         tokens N
 ``hf_image``   :func:`hf_image_encoder`        ``(H//p) * (W//p)`` (CLS dropped)
 ``cnn_image``  :class:`CNNImageEncoder`        ``grid**2 + 1``
 ``volume_vit`` :class:`VolumePatchViT`         ``(D//pd) * (H//ph) * (W//pw)``
+``cnn_volume`` :class:`CNNVolumeEncoder`       ``gd * g * g + 1``
 ``slice3d``    :func:`slice_encoder_3d`        ``D * k + 1``
 ``ecg``        :class:`ECGEncoder`             ``ceil(T / prod(patch))`` (stage-wise ceil)
 ``ehr``        :class:`EHRFeatureTokenizer`    ``F``
@@ -26,7 +27,7 @@ from medmllm.model.encoders.ehr import EHRFeatureTokenizer
 from medmllm.model.encoders.image import (CNNImageEncoder, HFImageEncoder, hf_image_encoder,
                                           tiny_cnn_image_encoder)
 from medmllm.model.encoders.signal import ECGEncoder
-from medmllm.model.encoders.volume import SliceEncoder3D, VolumePatchViT
+from medmllm.model.encoders.volume import CNNVolumeEncoder, SliceEncoder3D, VolumePatchViT
 from medmllm.registry import Registry
 
 ENCODERS: Registry = Registry("encoder")
@@ -49,6 +50,7 @@ ENCODERS.register("hf_image", hf_image_encoder)
 ENCODERS.register("cnn_image", CNNImageEncoder)
 ENCODERS.register("volume_vit", VolumePatchViT)
 ENCODERS.register("slice3d", slice_encoder_3d)
+ENCODERS.register("cnn_volume", CNNVolumeEncoder)
 ENCODERS.register("ecg", ECGEncoder)
 ENCODERS.register("ehr", EHRFeatureTokenizer)
 
@@ -59,5 +61,5 @@ def build_encoder(name: str, **kw) -> nn.Module:
 
 
 __all__ = ["ENCODERS", "MODALITIES", "CNNImageEncoder", "ECGEncoder", "EHRFeatureTokenizer", "EncoderOutput",
-           "HFImageEncoder", "ModalityEncoder", "SliceEncoder3D", "VolumePatchViT", "build_encoder",
+           "CNNVolumeEncoder", "HFImageEncoder", "ModalityEncoder", "SliceEncoder3D", "VolumePatchViT", "build_encoder",
            "hf_image_encoder", "slice_encoder_3d", "tiny_cnn_image_encoder"]

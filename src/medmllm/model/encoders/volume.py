@@ -5,6 +5,8 @@ Input ``[B, C, D, H, W]`` (D = slices), output tokens ``[B, N, out_dim]``.
 - :class:`VolumePatchViT`: ``N = (D // pd) * (H // ph) * (W // pw)`` (one token per 3D patch).
 - :class:`SliceEncoder3D`: ``N = D * k + 1`` (``k`` tokens per slice, weighted by the slice's
   question-guided score, then one score-weighted global token).
+- :class:`CNNVolumeEncoder`: ``N = gd * g * g + 1`` (a full-resolution 3D CNN max-pooled to a
+  grid of cells, plus the max over the whole volume): small lesions survive, few tokens.
 """
 
 from __future__ import annotations
@@ -72,6 +74,59 @@ class VolumePatchViT(ModalityEncoder):
         t = self.embed(x) + self._positions(grid)                       # [B, dim, d, h, w]
         tokens = t.flatten(2).transpose(1, 2)                            # [B, N, dim]
         features = self.encoder(tokens)                                  # [B, N, dim]
+        return EncoderOutput(features, full_mask(x.shape[0], features.shape[1], x.device))
+
+
+def _conv3d_bn_relu(c_in: int, c_out: int, stride: int) -> list[nn.Module]:
+    return [nn.Conv3d(c_in, c_out, 3, stride=stride, padding=1, bias=False), nn.BatchNorm3d(c_out),
+            nn.ReLU(inplace=True)]
+
+
+class CNNVolumeEncoder(ModalityEncoder):
+    """Full-resolution 3D CNN stem + adaptive max pooling to ``grid = (gd, g, g)`` cells.
+
+    The stem is a Sequential of levels: level 0 one conv-bn-relu at full resolution (``width``
+    channels), each later level a stride-2 conv-bn-relu then a stride-1 one, doubling the width
+    (capped at ``8 * width``). The final map is max-pooled to ``gd x g x g`` cells (max keeps a
+    lesion of a few voxels that averaging would dilute), each cell is projected to ``out_dim`` and
+    gets a learned position embedding; ``global_token`` appends the max over the whole map.
+    Input ``[B, C, D, H, W]``; ``N = gd * g * g + global_token`` whatever the input size.
+    """
+
+    modality = "volume"
+
+    def __init__(self, in_channels: int = 1, width: int = 8, depth: int = 3, out_dim: int = 256,
+                 grid: int | Sequence[int] = (4, 2, 2), global_token: bool = True):
+        super().__init__(out_dim)
+        self.grid = _triple(grid)
+        if in_channels < 1 or width < 1 or depth < 1 or min(self.grid) < 1:
+            raise ConfigError(f"CNNVolumeEncoder needs positive sizes, got in_channels={in_channels}, "
+                              f"width={width}, depth={depth}, grid={self.grid}")
+        self.in_channels, self.global_token = in_channels, global_token
+        levels: list[nn.Module] = [nn.Sequential(*_conv3d_bn_relu(in_channels, width, 1))]
+        c_in = width
+        for i in range(1, depth):
+            c_out = width * 2 ** min(i, 3)
+            levels.append(nn.Sequential(*_conv3d_bn_relu(c_in, c_out, 2), *_conv3d_bn_relu(c_out, c_out, 1)))
+            c_in = c_out
+        self.stem = nn.Sequential(*levels)
+        self.proj = nn.Linear(c_in, out_dim)
+        self.pos = nn.Parameter(torch.randn(self.num_tokens((1, 1, 1)), out_dim) * 0.02)
+
+    def num_tokens(self, input_shape: Sequence[int]) -> int:
+        trailing(input_shape, 3, "volume")
+        return math.prod(self.grid) + int(self.global_token)
+
+    def forward(self, volume: torch.Tensor, **kw) -> EncoderOutput:
+        x = check_input(volume, 5, "volume", "[B, C, D, H, W]")
+        if x.shape[1] != self.in_channels:
+            raise InputError("volume", f"expected {self.in_channels} channels, got shape {tuple(x.shape)}")
+        fmap = self.stem(x)                                              # [B, C', D', H', W']
+        cells = F.adaptive_max_pool3d(fmap, self.grid)                   # [B, C', gd, g, g]
+        tokens = cells.flatten(2).transpose(1, 2)                        # [B, gd*g*g, C']
+        if self.global_token:
+            tokens = torch.cat([tokens, fmap.amax(dim=(2, 3, 4)).unsqueeze(1)], dim=1)   # [B, N, C']
+        features = self.proj(tokens) + self.pos                          # [B, N, out_dim]
         return EncoderOutput(features, full_mask(x.shape[0], features.shape[1], x.device))
 
 
