@@ -28,6 +28,10 @@ from medmllm.eval.cli import eval_app  # noqa: E402  (a typer sub-app; its heavy
 
 app.add_typer(eval_app, name="eval")
 
+from medmllm.serve import cli as serve_cli  # noqa: E402  (adds `serve` and `chat`)
+
+app.add_typer(serve_cli.app)
+
 
 @app.command("read")
 def read_cmd(
@@ -199,6 +203,7 @@ def ask_cmd(
     ecg: Optional[Path] = typer.Option(None, "--ecg", help="WFDB .hea or signal CSV."),
     ehr: Optional[Path] = typer.Option(None, "--ehr", help="EHR JSON/CSV or FHIR Bundle."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
+    stream: bool = typer.Option(False, "--stream", help="Print the answer token by token as it is generated."),
 ) -> None:
     """Ask a question about your own files with a trained medmllm model."""
     from medmllm.data.tokenizers import load_tokenizer
@@ -212,6 +217,16 @@ def ask_cmd(
     for kind, p in (("volume", volume), ("signal", ecg), ("ehr", ehr)):
         if p is not None:
             parts.append({"type": kind, "path": str(p.resolve())})
+    if stream:
+        from medmllm.serve.errors import ServeError
+
+        try:
+            serve_cli.stream_answer(model, parts, question, max_new_tokens=max_new_tokens,
+                                    write=lambda t: typer.echo(t, nl=False))
+        except (ServeError, MedmllmError) as exc:
+            _fail(ConfigError(getattr(exc, "detail", None) or str(exc)))
+        typer.echo("")
+        return
     rec = {"id": "ask", "stage": "instruction", "meta": {"dataset": "user", "split": "test"},
            "messages": [{"role": "user", "content": parts + [{"type": "text", "text": question}]}]}
     try:

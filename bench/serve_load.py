@@ -1,0 +1,282 @@
+"""Load on the OpenAI-compatible server: 1, 8 and 32 concurrent clients on loopback vs a naive baseline.
+
+The model: ``medmllm.model.builders.small`` (untrained: throughput does not depend on the weights),
+with the LM-head rows of the end-of-turn ids zeroed (logit exactly 0 while the others spread around
+0) so answers run to ``max_tokens`` on both sides and the token counts compare. Saved with
+``save_pretrained`` and served by ``medmllm.serve`` (dynamic batching, ``--max-batch``) in a child
+process (uvicorn on a free loopback port).
+
+Each load level runs closed-loop clients (threads with keep-alive ``http.client`` connections in this
+process) for ``--duration`` seconds: every client sends its next request as soon as the previous one
+is answered. A request: a 128 px MedPhantom chest radiograph as a PNG data URL + a question (cycled),
+``max_tokens`` new tokens, greedy, non-streaming. The server batches continuously: a request that
+arrives while others decode joins them at the next step. Measured: completed requests, generated tokens
+(from ``usage``), throughput (tokens/s and requests/s over the wall time until the last answer),
+latency p50/p99, error count (non-200 answers and connection errors), the mean number of rows per
+decode step and how many requests joined a running batch (engine stats from ``/health``).
+
+The naive baseline, in the same run: the same model loaded in this process, the same prompts and
+file, one request at a time through ``PartLoader`` -> ``MultimodalCollator`` ->
+``medmllm.model.generate.generate`` (HF-style greedy with KV cache, no server, no batching), for the
+same total duration, run half before and half after the load levels (the machine's load drifts; both
+halves are reported). ``ratio`` = server tokens/s / baseline tokens/s (both halves together).
+
+    python bench/serve_load.py [--duration 20] [--clients 1,8,32] [--max-tokens 32] [--threads 1]
+
+Results -> bench/results/serve_load.json. One torch thread by default (see
+bench/generation_throughput.py: on a shared 2-core machine two OpenMP threads compete badly).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import http.client
+import io
+import json
+import multiprocessing as mp
+import os
+import platform
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+QUESTIONS = ["Is there a pleural effusion?", "Describe the image.", "Is the heart enlarged in this chest x-ray?",
+             "What abnormality is seen in this chest x-ray?", "Is there a pneumothorax? Answer with one word.",
+             "Findings?"]
+
+
+def build_model(out: Path, seed: int = 0) -> dict:
+    """The small model, end-of-turn logits pinned at 0, saved to ``out``; returns its parameter counts."""
+    import torch
+
+    from medmllm.model.builders import small
+
+    model, tok = small(seed=seed)
+    with torch.no_grad():
+        cfg = model.llm.config.eos_token_id
+        eos = {tok.eos_token_id, *(cfg if isinstance(cfg, (list, tuple)) else [cfg])} - {None}
+        for i in eos:
+            model.llm.lm_head.weight[i] = 0.0
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return {"total": sum(p.numel() for p in model.parameters()),
+            "llm": sum(p.numel() for p in model.llm.parameters())}
+
+
+def phantom_png() -> bytes:
+    from PIL import Image
+
+    from medmllm.data.phantoms.radiograph import generate_xray
+
+    img, _ = generate_xray(np.random.default_rng(0), size=128)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------- server (child process)
+
+def _serve(model_dir: str, threads: int, max_batch: int, queue_size: int, port_box) -> None:
+    import torch
+    import uvicorn
+
+    from medmllm.serve.app import create_app
+    from medmllm.serve.engine import Engine
+
+    torch.set_num_threads(threads)
+    engine = Engine.from_pretrained(model_dir, max_batch=max_batch, queue_size=queue_size, model_id="small")
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, close_engine_on_shutdown=True), host="127.0.0.1",
+                                           port=0, log_level="warning", access_log=False))
+
+    def report_port():
+        while not server.started:
+            time.sleep(0.05)
+        port_box.put(server.servers[0].sockets[0].getsockname()[1])
+
+    threading.Thread(target=report_port, daemon=True).start()
+    server.run()
+
+
+def _get(port: int, path: str) -> dict:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("GET", path)
+    data = json.loads(conn.getresponse().read())
+    conn.close()
+    return data
+
+
+# ----------------------------------------------------------------------------- load
+
+def _client(port: int, bodies: list[bytes], t_end: float, out: list, offset: int) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+    i = offset
+    while time.perf_counter() < t_end:
+        body = bodies[i % len(bodies)]
+        i += 1
+        t0 = time.perf_counter()
+        try:
+            conn.request("POST", "/v1/chat/completions", body=body, headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            data = resp.read()
+            t1 = time.perf_counter()
+            if resp.status == 200:
+                out.append((t0, t1, json.loads(data)["usage"]["completion_tokens"], None))
+            else:
+                out.append((t0, t1, 0, resp.status))
+        except (OSError, http.client.HTTPException) as exc:
+            out.append((t0, time.perf_counter(), 0, type(exc).__name__))
+            conn.close()
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+    conn.close()
+
+
+def load_level(port: int, bodies: list[bytes], clients: int, duration: float) -> dict:
+    before = _get(port, "/health")["stats"]
+    records: list = []
+    t_start = time.perf_counter()
+    t_end = t_start + duration
+    threads = [threading.Thread(target=_client, args=(port, bodies, t_end, records, k)) for k in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    after = _get(port, "/health")["stats"]
+    ok = [r for r in records if r[3] is None]
+    wall = max((r[1] for r in records), default=t_end) - t_start
+    lat = np.array([r[1] - r[0] for r in ok]) * 1000.0
+    tokens = sum(r[2] for r in ok)
+    steps = after["decode_steps"] - before["decode_steps"]
+    rows = after["row_steps"] - before["row_steps"]
+    return {"clients": clients, "requests": len(ok), "errors": len(records) - len(ok),
+            "error_kinds": sorted({str(r[3]) for r in records if r[3] is not None}),
+            "completion_tokens": tokens, "wall_s": round(wall, 2),
+            "tokens_per_s": round(tokens / wall, 2), "requests_per_s": round(len(ok) / wall, 3),
+            "latency_ms_p50": round(float(np.percentile(lat, 50)), 1) if lat.size else None,
+            "latency_ms_p99": round(float(np.percentile(lat, 99)), 1) if lat.size else None,
+            "mean_rows_per_decode_step": round(rows / steps, 2) if steps else None,
+            "joined_running_batch": after["joined_running_batch"] - before["joined_running_batch"]}
+
+
+# ----------------------------------------------------------------------------- baseline
+
+def baseline(model_dir: Path, png: bytes, max_tokens: int, duration: float) -> dict:
+    """Sequential, unbatched: PartLoader -> collator -> medmllm.model.generate.generate, one request at a time."""
+    from medmllm.data.collate import MultimodalCollator
+    from medmllm.data.dataset import PartLoader, RecordDataset
+    from medmllm.data.records import make_record, media
+    from medmllm.data.tokenizers import load_tokenizer
+    from medmllm.model.generate import generate_ids
+    from medmllm.model.inspect import modality_shapes_for
+    from medmllm.model.mllm import MedMLLM
+
+    model, tok = MedMLLM.from_pretrained(model_dir).eval(), load_tokenizer(model_dir)
+    collate = MultimodalCollator(tok, 4096, model.num_tokens, train=False)
+    loader = PartLoader(modality_shapes_for(model))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "x.png"
+        path.write_bytes(png)
+        records = [make_record(f"b{i}", [media("image", str(path)), q], None, {"dataset": "bench", "split": "test"})
+                   for i, q in enumerate(QUESTIONS)]
+        ds = RecordDataset(records, loader, base_dir=tmp)
+        lat, tokens, i = [], 0, 0
+        t_start = time.perf_counter()
+        while time.perf_counter() - t_start < duration:
+            t0 = time.perf_counter()
+            batch = collate([ds[i % len(ds)]])            # the file is read per request, as the server does
+            rows = generate_ids(model, batch, tok, max_new_tokens=max_tokens)
+            tok.decode(rows[0], skip_special_tokens=True)
+            tokens += len(rows[0])
+            lat.append(time.perf_counter() - t0)
+            i += 1
+        wall = time.perf_counter() - t_start
+    lat_ms = np.array(lat) * 1000.0
+    return {"requests": i, "completion_tokens": tokens, "wall_s": round(wall, 2),
+            "tokens_per_s": round(tokens / wall, 2), "requests_per_s": round(i / wall, 3),
+            "latency_ms_p50": round(float(np.percentile(lat_ms, 50)), 1),
+            "latency_ms_p99": round(float(np.percentile(lat_ms, 99)), 1)}
+
+
+def combine(a: dict, b: dict) -> dict:
+    """Two baseline runs as one (tokens and requests over the summed wall time)."""
+    wall = a["wall_s"] + b["wall_s"]
+    tokens, reqs = a["completion_tokens"] + b["completion_tokens"], a["requests"] + b["requests"]
+    return {"requests": reqs, "completion_tokens": tokens, "wall_s": round(wall, 2),
+            "tokens_per_s": round(tokens / wall, 2), "requests_per_s": round(reqs / wall, 3)}
+
+
+# ----------------------------------------------------------------------------- main
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--duration", type=float, default=20.0, help="seconds per load level (and for the baseline)")
+    ap.add_argument("--clients", default="1,8,32")
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--max-batch", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "serve_load.json")
+    args = ap.parse_args()
+    import torch
+
+    from medmllm.io import write_json
+
+    torch.set_num_threads(args.threads)
+    levels = [int(c) for c in args.clients.split(",")]
+    t0 = time.perf_counter()
+    load_before = os.getloadavg()
+    png = phantom_png()
+    url = "data:image/png;base64," + base64.b64encode(png).decode()
+    bodies = [json.dumps({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                                     {"type": "text", "text": q}]}],
+                          "max_tokens": args.max_tokens, "temperature": 0}).encode() for q in QUESTIONS]
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = Path(tmp) / "small"
+        params = build_model(model_dir)
+        base_before = baseline(model_dir, png, args.max_tokens, args.duration / 2)
+        ctx = mp.get_context("spawn")
+        port_box = ctx.Queue()
+        proc = ctx.Process(target=_serve, args=(str(model_dir), args.threads, args.max_batch, 4 * max(levels),
+                                                port_box), daemon=True)
+        proc.start()
+        try:
+            port = port_box.get(timeout=300)
+            load_level(port, bodies[:1], 1, 2.0)                           # warm-up (first calls are slow)
+            results = {}
+            for c in levels:
+                results[f"clients_{c}"] = r = load_level(port, bodies, c, args.duration)
+                print(f"{c:>3} clients: {r['tokens_per_s']} tok/s, {r['requests_per_s']} req/s, p50 "
+                      f"{r['latency_ms_p50']} ms, p99 {r['latency_ms_p99']} ms, errors {r['errors']}, "
+                      f"mean rows per step {r['mean_rows_per_decode_step']}", flush=True)
+        finally:
+            proc.terminate()
+            proc.join(10)
+            port_box.close()
+            port_box.join_thread()
+        base_after = baseline(model_dir, png, args.max_tokens, args.duration / 2)
+    base = combine(base_before, base_after)
+    print(f"baseline (sequential generate, half before and half after the load): {base['tokens_per_s']} tok/s "
+          f"({base_before['tokens_per_s']} before, {base_after['tokens_per_s']} after), "
+          f"{base['requests_per_s']} req/s")
+    for r in results.values():
+        r["ratio_tokens_per_s_vs_baseline"] = round(r["tokens_per_s"] / base["tokens_per_s"], 2)
+        print(f"{r['clients']:>3} clients: {r['ratio_tokens_per_s_vs_baseline']}x the baseline")
+    report = {"benchmark": "serve_load",
+              "unit": "generated tokens / s over the wall time; latency per request (ms), loopback HTTP included",
+              "model": {"builder": "small (untrained; end-of-turn logits pinned at 0)", "params": params,
+                        "request": f"one 128 px PNG data URL + a question, max_tokens {args.max_tokens}, greedy"},
+              "server": {"max_batch": args.max_batch, "queue_size": 4 * max(levels), "batch_window_ms": 5.0},
+              "duration_s": args.duration, "results": results,
+              "baseline_sequential_generate": {"combined": base, "before_load": base_before, "after_load": base_after},
+              "env": {"torch": torch.__version__, "threads": args.threads, "python": platform.python_version(),
+                      "cpus": os.cpu_count(), "loadavg_before": [round(x, 2) for x in load_before],
+                      "loadavg_after": [round(x, 2) for x in os.getloadavg()]},
+              "wall_seconds": round(time.perf_counter() - t0, 1)}
+    write_json(args.out, report)
+    print(f"-> {args.out} ({report['wall_seconds']} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,268 @@
+"""The server's decoding loop: one left-padded batch, per-row sampling, streamed text, early exits.
+
+It follows :func:`medmllm.model.generate.generate_ids` step for step (prefill through
+``MedMLLM.embed_inputs`` with the batch's attention mask, then one token per step with the KV
+cache; the mask is passed only when the batch has padding), so a greedy row gets the tokens
+``generate`` gives it. What it adds for serving:
+
+* per-row parameters (:class:`RowParams`): ``max_tokens``, ``temperature`` (0 = greedy), ``top_p``,
+  ``seed`` (one ``torch.Generator`` per row, so a row samples what it would alone), stop strings;
+* per-row streaming: :class:`Row` decodes its ids after every step and emits the new text,
+  holding back an incomplete UTF-8 character and any tail that could begin a stop string;
+* rows that end (eos, stop string, ``max_tokens``, cancelled by the client) are removed from
+  the batch and its KV cache (``Cache.batch_select_indices``), so the others run on;
+* continuous batching: requests that arrive while a batch runs are prefilled and join it between
+  two steps (caches left-padded to one length and concatenated; each row keeps its own positions
+  and its padding is masked), so a busy server never waits for a whole batch to finish.
+
+Minimal change that would let ``model/generate.py`` serve this instead: an ``on_step(tokens [B],
+finished [B])`` callback and per-row ``temperature``/``top_p``/generators in ``_decode_loop``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from medmllm.model.generate import _eos_ids, _model_inputs  # the exact inputs generate() feeds
+
+
+@dataclass(frozen=True)
+class RowParams:
+    """Sampling of one row: ``temperature`` 0 is greedy; ``top_p`` in (0, 1]; ``seed`` or None."""
+
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass
+class Row:
+    """One request's state while it decodes.
+
+    ``emit(text)`` receives each new piece of text; ``finish(reason)`` is called once with
+    ``"stop"`` (eos or a stop string), ``"length"`` (``max_tokens``) or ``"cancelled"``.
+    ``cancelled()`` is polled every step. ``stream=False`` without stop strings: the text is decoded
+    once at the end (and emitted then). After the end, ``text`` is the whole answer (cut before a
+    stop string) and ``steps`` the number of tokens generated (eos included).
+    """
+
+    params: RowParams
+    decode: Callable[[list[int]], str]
+    emit: Callable[[str], None] = lambda text: None
+    finish: Callable[[str], None] = lambda reason: None
+    cancelled: Callable[[], bool] = lambda: False
+    stream: bool = True
+    ids: list[int] = field(default_factory=list)
+    text: str = ""
+    sent: int = 0
+    steps: int = 0
+    reason: str | None = None
+    generator: torch.Generator | None = None
+
+    def push(self, token: int, is_eos: bool) -> bool:
+        """Add one generated token; emit the text that became safe; True when the row has ended."""
+        self.steps += 1
+        if is_eos:
+            return self._end("stop")
+        self.ids.append(token)
+        if not (self.stream or self.params.stop):   # nothing to show or check before the end
+            return self._end("length") if self.steps >= self.params.max_tokens else False
+        self.text = self.decode(self.ids)
+        hit = _first_stop(self.text, self.params.stop)
+        if hit is not None:
+            self.text = self.text[:hit]
+            return self._end("stop")
+        if self.steps >= self.params.max_tokens:
+            return self._end("length")
+        safe = len(self.text) - _held_back(self.text, self.params.stop)
+        if safe > self.sent:
+            self.emit(self.text[self.sent:safe])
+            self.sent = safe
+        return False
+
+    def _end(self, reason: str) -> bool:
+        if not (self.stream or self.params.stop):
+            self.text = self.decode(self.ids)
+        if len(self.text) > self.sent:
+            self.emit(self.text[self.sent:])
+            self.sent = len(self.text)
+        self.reason = reason
+        self.finish(reason)
+        return True
+
+    def cancel(self) -> None:
+        self.reason = "cancelled"
+        self.finish("cancelled")
+
+
+def _first_stop(text: str, stops: Sequence[str]) -> int | None:
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else None
+
+
+def _held_back(text: str, stops: Sequence[str]) -> int:
+    """Characters at the end of ``text`` not to stream yet: a partial UTF-8 character (U+FFFD) and
+    the longest tail that is a proper prefix of a stop string."""
+    hold = len(text) - len(text.rstrip("\ufffd"))
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), hold, -1):
+            if text.endswith(s[:k]):
+                hold = k
+                break
+    return hold
+
+
+def pick(logits: torch.Tensor, rows: Sequence[Row]) -> torch.Tensor:
+    """Next ids ``[b]`` from ``logits [b, V]``: argmax for greedy rows; for sampling rows nucleus
+    sampling at the row's temperature with the row's generator (as ``generate``'s ``_pick``)."""
+    out = logits.argmax(dim=-1)                                                   # [b]
+    for k, row in enumerate(rows):
+        p = row.params
+        if p.temperature <= 0:
+            continue
+        probs = torch.softmax(logits[k: k + 1].float() / p.temperature, dim=-1)  # [1, V]
+        if p.top_p < 1.0:
+            sorted_p, order = probs.sort(dim=-1, descending=True)
+            outside = sorted_p.cumsum(-1) - sorted_p > p.top_p
+            probs = torch.zeros_like(probs).scatter(-1, order, sorted_p.masked_fill(outside, 0.0))
+        out[k] = torch.multinomial(probs, 1, generator=row.generator).squeeze()
+    return out
+
+
+@dataclass
+class _State:
+    """A running batch: its KV cache (length ``length``), next-token ``logits [b, V]``, ``attention [b, length]``
+    (None while no row has padding or masked positions: no mask is passed, as generate() does),
+    ``next_pos [b, 1]`` and the rows, in batch order."""
+
+    cache: object
+    logits: torch.Tensor
+    attention: torch.Tensor | None
+    next_pos: torch.Tensor
+    rows: list[Row]
+    length: int
+
+
+def _prefill(model, batch: dict, rows: Sequence[Row]) -> _State:
+    """Run the prompts of a collated left-padded ``batch`` (``rows[i]`` is row ``i``) through the model."""
+    inputs = _model_inputs(model, batch)
+    embeds, attention, positions = model.embed_inputs(**inputs)                 # [B, L, H], [B, L], [B, L]
+    for row in rows:
+        if row.params.temperature > 0:
+            seed = row.params.seed if row.params.seed is not None else int.from_bytes(os.urandom(8), "little")
+            row.generator = torch.Generator(device=embeds.device).manual_seed(seed & 0xFFFF_FFFF_FFFF_FFFF)
+    out = model.llm(inputs_embeds=embeds, attention_mask=attention, position_ids=positions, use_cache=True,
+                    logits_to_keep=1)
+    full = attention is None or bool(attention.all())
+    return _State(out.past_key_values, out.logits[:, -1].float(), None if full else attention,
+                  positions[:, -1:] + 1, list(rows), int(embeds.shape[1]))
+
+
+def _step(model, st: _State, tok: torch.Tensor) -> None:
+    """Feed ``tok [b]`` (one token per row) and advance the state by one position."""
+    if st.attention is not None:                                                  # the mask grows with the cache
+        st.attention = torch.cat([st.attention, st.attention.new_ones(st.attention.shape[0], 1)], dim=1)
+    out = model.llm(input_ids=tok[:, None], attention_mask=st.attention, position_ids=st.next_pos,
+                    past_key_values=st.cache, use_cache=True)
+    st.logits, st.next_pos, st.length = out.logits[:, -1].float(), st.next_pos + 1, st.length + 1
+
+
+def _select(st: _State, keep: list[int], tok: torch.Tensor) -> torch.Tensor:
+    """Keep only rows ``keep`` (cache included); returns their tokens."""
+    idx = torch.tensor(keep, device=st.next_pos.device)
+    st.cache.batch_select_indices(idx)
+    st.next_pos = st.next_pos[idx]
+    st.attention = st.attention[idx] if st.attention is not None else None
+    st.rows = [st.rows[k] for k in keep]
+    return tok[idx]
+
+
+def mergeable(cache) -> bool:
+    """True for a plain ``DynamicCache`` of plain ``DynamicLayer`` s (keys/values ``[B, heads, L, dim]``):
+    such caches can be left-padded and concatenated along the batch (no sliding windows, no extra state)."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    return type(cache) is DynamicCache and bool(layers) and all(type(x) is DynamicLayer for x in layers)
+
+
+def _pad_left(x: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    """Zero-pad ``x`` on the left of ``dim`` up to ``length``."""
+    missing = length - x.shape[dim]
+    if missing <= 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = missing
+    return torch.cat([x.new_zeros(shape), x], dim=dim)
+
+
+def _merge(a: _State, b: _State) -> _State:
+    """One state holding the rows of ``a`` then of ``b``: caches left-padded to the longer one (the padding
+    masked out) and concatenated; every row keeps its own positions."""
+    length = max(a.length, b.length)
+    for la, lb in zip(a.cache.layers, b.cache.layers):                          # keys/values [B, h, L, d]
+        la.keys = torch.cat([_pad_left(la.keys, length, 2), _pad_left(lb.keys, length, 2)], dim=0)
+        la.values = torch.cat([_pad_left(la.values, length, 2), _pad_left(lb.values, length, 2)], dim=0)
+
+    def mask(st: _State) -> torch.Tensor:
+        att = st.attention if st.attention is not None else torch.ones(
+            st.next_pos.shape[0], st.length, dtype=torch.long, device=st.next_pos.device)
+        return _pad_left(att, length, 1)
+
+    ma, mb = mask(a), mask(b)
+    return _State(a.cache, torch.cat([a.logits, b.logits]), torch.cat([ma, mb.to(ma.dtype)]),
+                  torch.cat([a.next_pos, b.next_pos]), a.rows + b.rows, length)
+
+
+@torch.inference_mode()
+def run_batch(model, tokenizer, batch: dict, rows: Sequence[Row],
+              admit: Callable[[int], tuple[dict, list[Row]] | None] | None = None, capacity: int | None = None,
+              stats: dict | None = None) -> int:
+    """Decode every row of a left-padded collated ``batch`` (``rows[i]`` is batch row ``i``) to its end.
+
+    Continuous batching: between steps, ``admit(n)`` may return up to ``n`` new requests (a collated
+    batch and its rows) while fewer than ``capacity`` rows are running; they are prefilled and join
+    the running batch (only with a :func:`mergeable` cache; otherwise the batch runs as it started).
+    Returns the number of forward passes; ``stats`` (if given) accumulates ``decode_steps`` and
+    ``row_steps`` (rows decoded summed over steps). Rows report through their callbacks; an exception
+    from the model propagates (the caller fails the rows that have not ended).
+    """
+    eos = set(_eos_ids(model, tokenizer))
+    capacity = capacity or len(rows)
+    st, passes = _prefill(model, batch, rows), 1
+    while True:
+        tok = pick(st.logits, st.rows)                                             # [b]
+        for k, row in enumerate(st.rows):
+            if row.reason is not None:
+                continue                                   # ended earlier (a cache that cannot drop rows)
+            if row.cancelled():
+                row.cancel()
+            else:
+                row.push(int(tok[k]), int(tok[k]) in eos)
+        keep = [k for k, row in enumerate(st.rows) if row.reason is None]
+        prunable = callable(getattr(st.cache, "batch_select_indices", None))
+        new = admit(capacity - len(keep)) if admit is not None and prunable and len(keep) < capacity \
+            and mergeable(st.cache) else None
+        if keep:
+            if prunable and len(keep) < len(st.rows):
+                tok = _select(st, keep, tok)
+            _step(model, st, tok)
+            passes += 1
+            if stats is not None:
+                stats["decode_steps"] = stats.get("decode_steps", 0) + 1
+                stats["row_steps"] = stats.get("row_steps", 0) + len(st.rows)
+            if new is not None:
+                st, passes = _merge(st, _prefill(model, *new)), passes + 1
+        elif new is not None:
+            st, passes = _prefill(model, *new), passes + 1
+        else:
+            return passes
+
+
+__all__ = ["Row", "RowParams", "mergeable", "pick", "run_batch"]

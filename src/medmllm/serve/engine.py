@@ -1,0 +1,405 @@
+"""The serving engine: a saved medmllm model behind a dynamic batcher with a bounded queue.
+
+Life of a request::
+
+    engine.prepare(messages, params)     # any thread: files -> tensors (PartLoader), chat template,
+                                         # context check -> Prepared (ServeError 422 on bad input)
+    handle = engine.submit(prepared, sink)   # QueueFull (429) when queue_size requests wait already
+    # the worker thread takes the first waiting request, waits up to batch_window_ms for more
+    # (at most max_batch), collates them left-padded (as medmllm.eval.inprocess.predict does) and
+    # decodes them together (medmllm.serve.decode.run_batch); each request's sink receives
+    # Delta(text) events as its text grows, then one Done (or Failed) event.
+    handle.cancel()                      # e.g. the client went away: the row leaves the batch
+
+``sink`` is called on the worker thread and must return quickly (the app hands events to its
+event loop). :meth:`Engine.complete` and :meth:`Engine.stream` are blocking conveniences for the
+CLI, tests and benchmarks. ``Engine.stats`` counts ``batches`` (one ``run_batch`` = one generate call),
+``requests``, ``joined_running_batch`` (requests that joined a batch already decoding: continuous
+batching), ``forward_passes``, ``decode_steps`` and ``row_steps`` (rows decoded summed over steps:
+``row_steps / decode_steps`` is the mean batch occupancy) and ``largest_batch`` (at the start).
+"""
+
+from __future__ import annotations
+
+import atexit
+import copy
+import itertools
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+from medmllm.errors import InputError, MedmllmError
+from medmllm.serve.decode import Row, RowParams, run_batch
+from medmllm.serve.errors import QueueFull, ServeError, invalid
+
+log = logging.getLogger("medmllm.serve")
+
+_BIG = 1 << 30  # collator max_length: the engine checks the context itself, with the numbers
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """What the client asks for. ``max_tokens`` None: up to ``Engine.default_max_tokens`` within the context."""
+
+    max_tokens: int | None = None
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass
+class Prepared:
+    """A request ready to batch: the collator example, its prompt length and resolved parameters."""
+
+    id: str
+    example: dict
+    prompt_tokens: int
+    params: RowParams
+
+
+@dataclass
+class Delta:
+    text: str
+
+
+@dataclass
+class Done:
+    text: str
+    finish_reason: str            # "stop" | "length" | "cancelled"
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def usage(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+
+@dataclass
+class Failed:
+    error: ServeError
+
+
+@dataclass
+class Handle:
+    """A submitted request; ``cancel()`` removes it from its batch at the next step."""
+
+    prepared: Prepared
+    sink: Callable[[object], None]
+    stream: bool = True
+    submitted: float = field(default_factory=time.perf_counter)
+    _cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def send(self, event: object) -> None:
+        try:
+            self.sink(event)
+        except Exception:  # noqa: BLE001 - a sink must never stop the worker
+            log.exception("event sink failed for %s", self.prepared.id)
+
+
+class Engine:
+    """A medmllm model answering chat requests in dynamic batches (see module doc).
+
+    ``shapes``: the :class:`~medmllm.data.dataset.ModalityShapes` files are loaded with (default:
+    what the model fixes, :func:`medmllm.model.inspect.modality_shapes_for`). ``max_context``:
+    prompt + max_tokens ceiling (default: the LLM's ``max_position_embeddings``).
+    """
+
+    def __init__(self, model, tokenizer, *, model_id: str = "medmllm", shapes=None, max_batch: int = 8,
+                 queue_size: int = 64, batch_window_ms: float = 5.0, max_context: int | None = None,
+                 default_max_tokens: int = 256):
+        from medmllm.data.collate import MultimodalCollator
+        from medmllm.data.dataset import PartLoader
+        from medmllm.model.inspect import modality_shapes_for
+
+        if max_batch < 1 or queue_size < 1:
+            raise ServeError(500, "max_batch and queue_size must be >= 1", "bad_config")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.model_id = model_id
+        self.max_batch, self.queue_size = int(max_batch), int(queue_size)
+        self.batch_window_s = max(0.0, batch_window_ms / 1000.0)
+        self.max_context = int(max_context or getattr(model.llm.config, "max_position_embeddings", 2048))
+        self.default_max_tokens = int(default_max_tokens)
+        self.shapes = shapes if shapes is not None else modality_shapes_for(model)
+        self.loader = PartLoader(self.shapes)
+        self._prep_collator = MultimodalCollator(tokenizer, _BIG, model.num_tokens, train=False)
+        self._prep_lock = threading.Lock()  # fast tokenizers must not be used by two threads at once
+        self._worker_tokenizer = copy.deepcopy(tokenizer)
+        self._collator = MultimodalCollator(self._worker_tokenizer, _BIG, model.num_tokens, train=False)
+        self._queue: queue.Queue[Handle | None] = queue.Queue(maxsize=self.queue_size)
+        self._ids = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._special = [t for t in tokenizer.all_special_tokens if t]
+        self.stats = {"batches": 0, "requests": 0, "forward_passes": 0, "largest_batch": 0,
+                      "joined_running_batch": 0, "decode_steps": 0, "row_steps": 0}
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **kw) -> "Engine":
+        """Load ``MedMLLM.from_pretrained(path)`` and the tokenizer saved next to it."""
+        from medmllm.data.tokenizers import load_tokenizer
+        from medmllm.model.mllm import MedMLLM
+
+        p = Path(path)
+        if not (p / "config.json").is_file():
+            raise InputError(p, "expected a folder written by MedMLLM.save_pretrained (with config.json), found none")
+        kw.setdefault("model_id", p.name if p.name != "model" else f"{p.parent.name}-model")
+        return cls(MedMLLM.from_pretrained(p).eval(), load_tokenizer(p), **kw)
+
+    @property
+    def modalities(self) -> list[str]:
+        return sorted(self.model.encoders)
+
+    # ------------------------------------------------------------------ worker
+
+    def start(self) -> "Engine":
+        """Start the worker thread (idempotent)."""
+        if self._thread is None or not self._thread.is_alive():
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._work, name="medmllm-serve-engine", daemon=True)
+            self._thread.start()
+            atexit.register(self.close)  # a daemon thread inside torch at interpreter exit aborts the process
+        return self
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the worker after the batch it is running; waiting requests get a 503."""
+        self._stop.set()
+        atexit.unregister(self.close)
+        if self._thread is not None:
+            self._thread.join(timeout)
+        while True:
+            try:
+                h = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if h is not None:
+                h.send(Failed(ServeError(503, "the server is shutting down", "shutting_down")))
+
+    @property
+    def alive(self) -> bool:
+        """Whether the worker thread runs."""
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def waiting(self) -> int:
+        return self._queue.qsize()
+
+    def _work(self) -> None:
+        while not self._stop.is_set():
+            try:
+                first = self._queue.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            batch = [first] + self._gather(self.max_batch - 1)
+            batch = [h for h in batch if not h.cancelled]
+            if batch:
+                self._run(batch)
+
+    def _gather(self, n: int) -> list[Handle]:
+        """Up to ``n`` more waiting requests: what is queued now, then what arrives within the window."""
+        out: list[Handle] = []
+        deadline = time.perf_counter() + self.batch_window_s
+        while len(out) < n:
+            try:
+                out.append(self._queue.get_nowait())
+                continue
+            except queue.Empty:
+                pass
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                break
+            try:
+                out.append(self._queue.get(timeout=left))
+            except queue.Empty:
+                break
+        return out
+
+    def _run(self, handles: list[Handle]) -> None:
+        """Decode ``handles`` together; requests arriving meanwhile join the running batch (continuous
+        batching, up to ``max_batch`` rows). Any failure is logged and answered with a generic 500."""
+        decode = lambda ids: self._worker_tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+        active: list[tuple[Handle, Row]] = []
+
+        def collate(hs: list[Handle]) -> tuple[dict, list[Row]]:
+            rows = [self._row(h, decode) for h in hs]
+            active.extend(zip(hs, rows))
+            batch = self._collator([h.prepared.example for h in hs])
+            if batch["ids"] != [h.prepared.id for h in hs]:
+                raise RuntimeError(f"collator dropped {batch['dropped']}")
+            self.stats["requests"] += len(hs)
+            return batch, rows
+
+        def admit(n: int) -> tuple[dict, list[Row]] | None:
+            if self._stop.is_set():
+                return None
+            hs = []
+            while len(hs) < n:
+                try:
+                    h = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if not h.cancelled:
+                    hs.append(h)
+            if hs:
+                self.stats["joined_running_batch"] += len(hs)
+            return collate(hs) if hs else None
+
+        # counted before decoding: a client may read the stats as soon as its Done arrives
+        self.stats["batches"] += 1
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(handles))
+        try:
+            batch, rows = collate(handles)
+            passes = run_batch(self.model, self._worker_tokenizer, batch, rows, admit=admit,
+                               capacity=self.max_batch, stats=self.stats)
+        except Exception:  # noqa: BLE001 - logged here, the clients get a generic 500
+            log.exception("generation failed for a batch of %d", len(active))
+            err = ServeError(500, "the model failed while generating; the error was logged", "internal_error")
+            for h, r in active:
+                if r.reason is None:
+                    h.send(Failed(err))
+            return
+        self.stats["forward_passes"] += passes
+
+    def _row(self, h: Handle, decode) -> Row:
+        row = Row(h.prepared.params, decode, cancelled=lambda: h.cancelled, stream=h.stream)
+        row.emit = lambda text: h.send(Delta(text))
+        row.finish = lambda reason: h.send(Done(row.text, reason, h.prepared.prompt_tokens, row.steps))
+        return row
+
+    # ------------------------------------------------------------------ requests
+
+    def submit(self, prepared: Prepared, sink: Callable[[object], None], stream: bool = True) -> Handle:
+        """Queue ``prepared``; ``sink`` receives its events (see module doc). QueueFull when full.
+
+        ``stream=False``: no Delta events, only the Done (the text is decoded once, at the end).
+        """
+        h = Handle(prepared, sink, stream)
+        try:
+            self._queue.put_nowait(h)
+        except queue.Full:
+            raise QueueFull(self.queue_size) from None
+        return h
+
+    def prepare(self, messages: Sequence[dict], params: SamplingParams = SamplingParams(),
+                media_params: Sequence[str] | None = None) -> Prepared:
+        """medmllm record ``messages`` (media parts with a ``path``) -> a :class:`Prepared` request.
+
+        Loads every media part with :class:`~medmllm.data.dataset.PartLoader` (EHR notes become text
+        after the part, as in :class:`~medmllm.data.dataset.RecordDataset`), renders the chat template
+        and checks prompt + ``max_tokens`` against ``max_context``. ``media_params`` names each media
+        part's request field for error messages. Raises ServeError (422).
+        """
+        media_params = list(media_params or [])
+        rid = f"req-{next(self._ids)}"
+        content, mods = self._load(messages, media_params)
+        record = {"id": rid, "stage": "instruction", "meta": {"dataset": "serve", "split": "test"},
+                  "messages": content}
+        example = {"record": record, "modalities": mods}
+        try:
+            with self._prep_lock:
+                sample = self._prep_collator.encode(example)
+        except MedmllmError as exc:
+            log.info("conversation refused (%s): %s", rid, exc)
+            raise invalid("messages: the conversation does not fit the model's chat template (for example "
+                          "roles must alternate user/assistant for some models)", "invalid_conversation",
+                          "messages", detail=str(exc)) from None
+        n = len(sample.input_ids)
+        return Prepared(rid, example, n, self._row_params(params, n))
+
+    def _row_params(self, p: SamplingParams, n: int) -> RowParams:
+        ctx = self.max_context
+        if n >= ctx:
+            raise invalid(f"this model's context is {ctx} tokens; the prompt alone has {n} tokens (images and "
+                          f"files included): shorten it", "context_length_exceeded", "messages")
+        max_tokens = p.max_tokens if p.max_tokens is not None else min(self.default_max_tokens, ctx - n)
+        if n + max_tokens > ctx:
+            raise invalid(f"this model's context is {ctx} tokens; the prompt has {n} tokens and max_tokens is "
+                          f"{max_tokens} ({n + max_tokens} > {ctx}): ask for at most {ctx - n} tokens or shorten "
+                          f"the prompt", "context_length_exceeded", "max_tokens")
+        return RowParams(max_tokens, float(p.temperature), float(p.top_p), p.seed, tuple(s for s in p.stop if s))
+
+    def _load(self, messages: Sequence[dict], media_params: list[str]) -> tuple[list[dict], list]:
+        """Messages with EHR notes inserted, and the (kind, tensor) of every media part in order."""
+        from medmllm.data.records import MODALITY_PARTS
+
+        out, mods = [], []
+        for i, m in enumerate(messages):
+            parts = m["content"] if isinstance(m["content"], list) else [{"type": "text", "text": m["content"]}]
+            new = []
+            for j, part in enumerate(parts):
+                new.append(part)
+                if part["type"] == "text":
+                    self._check_text(part["text"], f"messages.{i}.content.{j}.text")
+                    continue
+                if part["type"] not in MODALITY_PARTS:
+                    raise invalid(f"messages.{i}.content.{j}.type: expected text or one of {MODALITY_PARTS}",
+                                  "invalid_part", f"messages.{i}.content.{j}")
+                param = media_params[len(mods)] if len(mods) < len(media_params) else f"messages.{i}.content.{j}"
+                if part["type"] not in self.model.encoders:
+                    raise invalid(f"{param}: this model takes no {part['type']} input; it takes "
+                                  f"{self.modalities}", "unsupported_modality", param)
+                try:
+                    tensor, text = self.loader(part, ".")
+                except Exception as exc:  # noqa: BLE001 - readers raise InputError; anything else is logged too
+                    log.info("unreadable %s at %s: %s", part["type"], param, exc,
+                             exc_info=not isinstance(exc, MedmllmError))
+                    raise invalid(f"{param}: the {part['type']} file could not be read (a corrupt or unsupported "
+                                  "file)", "unreadable_file", param, detail=str(exc)) from None
+                mods.append((part["type"], tensor))
+                if text:
+                    new.append({"type": "text", "text": text})
+            out.append({"role": m["role"], "content": new})
+        return out, mods
+
+    def _check_text(self, text: str, param: str) -> None:
+        found = [t for t in self._special if t in text]
+        if found:
+            raise invalid(f"{param}: the text holds the model's control or placeholder tokens {found[:4]}, "
+                          "which are reserved", "reserved_tokens", param)
+
+    # ------------------------------------------------------------------ blocking helpers
+
+    def stream(self, messages: Sequence[dict], params: SamplingParams = SamplingParams(),
+               timeout: float | None = None) -> Iterator[Delta | Done]:
+        """Blocking: yield Delta events, then the Done event (a Failed event raises its ServeError).
+
+        The engine must be started. Closing the iterator early cancels the request.
+        """
+        events: queue.Queue = queue.Queue()
+        h = self.submit(self.prepare(messages, params), events.put)
+        try:
+            while True:
+                ev = events.get(timeout=timeout)
+                if isinstance(ev, Failed):
+                    raise ev.error
+                yield ev
+                if isinstance(ev, Done):
+                    return
+        finally:
+            h.cancel()
+
+    def complete(self, messages: Sequence[dict], params: SamplingParams = SamplingParams(),
+                 timeout: float | None = None) -> Done:
+        """Blocking: the finished answer (see :meth:`stream`)."""
+        for ev in self.stream(messages, params, timeout):
+            if isinstance(ev, Done):
+                return ev
+        raise ServeError(500, "the request ended without an answer", "internal_error")
+
+
+__all__ = ["Delta", "Done", "Engine", "Failed", "Handle", "Prepared", "SamplingParams"]
