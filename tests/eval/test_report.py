@@ -18,46 +18,7 @@ from medmllm.errors import InputError
 from medmllm.eval.report import compare, load_results, write_report
 from medmllm.eval.runner import run_eval
 
-TASK_YAML = """\
-name: phantom_xray_train
-version: 1
-description: MedPhantom x-ray questions of the train split (test fixture)
-data:
-  source: medphantom
-  records: medphantom/records/train.jsonl
-  manifest: medphantom/records/manifest.json
-  split: train
-prompt:
-  template: "{question}"
-generation:
-  max_new_tokens: 4
-protocols: [exact, llava-med, mcq]
-filters:
-  modality: [xray]
-  answer_types: [closed, open, choice]
-"""
 PNG = b"\x89PNG\r\n\x1a\n"
-
-
-def shared(tmp_path_factory, model: bool = True) -> tuple[Path, Path, Path]:
-    """(data root with a 16-case x-ray MedPhantom build, saved tiny image model, task YAML), built once per
-    session (the same helper in every tests/eval runner/report/cli module)."""
-    root = tmp_path_factory.getbasetemp() / "eval_shared"
-    data, model_dir, task = root / "data", root / "model", root / "tasks" / "phantom_xray_train.yaml"
-    if not (data / "medphantom" / "records" / "manifest.json").exists():
-        from medmllm.data.phantoms.build import build_phantoms
-
-        build_phantoms(data / "medphantom", 16, seed=0, workers=1, modalities=["xray"], progress=False)
-    if model and not (model_dir / "config.json").exists():
-        from medmllm.model.builders import tiny
-
-        net, tok = tiny(modalities=["image"], seed=0)
-        net.save_pretrained(model_dir)
-        tok.save_pretrained(model_dir)
-    if not task.exists():
-        task.parent.mkdir(parents=True, exist_ok=True)
-        task.write_text(TASK_YAML, encoding="utf-8")
-    return data, model_dir, task
 
 
 class Scripted:
@@ -108,10 +69,10 @@ class ProbeSuite:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, shared_env):
     from medmllm.registry import Registry
 
-    data, _, task = shared(tmp_path_factory, model=False)
+    data, _, task = shared_env(model=False)
     suites = Registry("trust suite")
     suites.register("probe", ProbeSuite())
     mp = pytest.MonkeyPatch()

@@ -18,51 +18,7 @@ from medmllm.data.records import make_record, media, modality_parts, read_record
 from medmllm.errors import ConfigError, InputError
 from medmllm.eval.runner import prompt_record, read_predictions, run_eval
 
-TASK_YAML = """\
-name: phantom_xray_train
-version: 1
-description: MedPhantom x-ray questions of the train split (test fixture)
-data:
-  source: medphantom
-  records: medphantom/records/train.jsonl
-  manifest: medphantom/records/manifest.json
-  split: train
-prompt:
-  template: "{question}"
-generation:
-  max_new_tokens: 4
-protocols: [exact, llava-med, mcq]
-filters:
-  modality: [xray]
-  answer_types: [closed, open, choice]
-"""
 LIMIT = 8
-
-
-def shared(tmp_path_factory, model: bool = True) -> tuple[Path, Path, Path]:
-    """(data root with a 16-case x-ray MedPhantom build, saved tiny image model, task YAML), built once per
-    session (the same helper in every tests/eval runner/report/cli module)."""
-    root = tmp_path_factory.getbasetemp() / "eval_shared"
-    data, model_dir, task = root / "data", root / "model", root / "tasks" / "phantom_xray_train.yaml"
-    if not (data / "medphantom" / "records" / "manifest.json").exists():
-        from medmllm.data.phantoms.build import build_phantoms
-
-        build_phantoms(data / "medphantom", 16, seed=0, workers=1, modalities=["xray"], progress=False)
-    if model and not (model_dir / "config.json").exists():
-        from medmllm.model.builders import tiny
-
-        net, tok = tiny(modalities=["image"], seed=0)
-        net.save_pretrained(model_dir)
-        tok.save_pretrained(model_dir)
-    if not task.exists():
-        task.parent.mkdir(parents=True, exist_ok=True)
-        task.write_text(TASK_YAML, encoding="utf-8")
-    return data, model_dir, task
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    return shared(tmp_path_factory)
 
 
 def task_records(data: Path, limit: int = LIMIT) -> list[dict]:
@@ -267,9 +223,9 @@ def test_scores_of_a_scripted_backend(env, tmp_path):
         assert conf["matrix"][i] == [golds[g] if j == i else 0 for j in range(len(golds) + 1)]
 
 
-def test_report_task_metrics_and_protocol_override(env, tmp_path):
+def test_report_task_metrics_and_protocol_override(env, tmp_path, task_yaml):
     data, _, _ = env
-    yaml = TASK_YAML.replace("phantom_xray_train", "phantom_reports").replace(
+    yaml = task_yaml.replace("phantom_xray_train", "phantom_reports").replace(
         "protocols: [exact, llava-med, mcq]", "metrics: [bleu, rouge_l]").replace(
         "answer_types: [closed, open, choice]", "answer_types: [report]")
     path = tmp_path / "phantom_reports.yaml"

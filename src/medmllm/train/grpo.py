@@ -47,7 +47,7 @@ import torch
 from medmllm.data.phantoms.reasoning import COT_INSTRUCTION
 from medmllm.errors import ConfigError, InputError
 from medmllm.train.rl_losses import IGNORE_INDEX, group_advantages, grpo_loss, token_logprobs
-from medmllm.train.sft import DataConfig, LoraConfig, ModelConfig, OptimConfig, SFTTrain
+from medmllm.train.sft import DataConfig, LoraConfig, ModelConfig, OptimConfig, SFTTrain, save_final_model
 
 log = logging.getLogger(__name__)
 
@@ -522,17 +522,7 @@ def run(cfg: GRPOConfig, progress: bool = True) -> dict:
     # train ------------------------------------------------------------------
     result = loop.run()
     # save -------------------------------------------------------------------
-    model = acc.unwrap_model(loop.model)
-    out = run_dir / "model"
-    if acc.is_main_process:
-        if cfg.lora.enabled:
-            from medmllm.model.lora import merge, save_adapter
-
-            save_adapter(model, run_dir / "adapter")
-            model = merge(model)
-        model.save_pretrained(out)
-        tokenizer.save_pretrained(out)
-    acc.wait_for_everyone()
+    out = save_final_model(acc, loop, tokenizer, run_dir, lora=cfg.lora.enabled)
     # cleanup ----------------------------------------------------------------
     del reference
     errors = dataset.errors()

@@ -215,6 +215,23 @@ def lm_loss(model, batch) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- the recipe
 
+def save_final_model(acc, loop, tokenizer, run_dir: Path, *, lora: bool) -> Path:
+    """Save the trained model (and tokenizer) to ``run_dir/model`` on the main process; with ``lora``
+    the adapter goes to ``run_dir/adapter`` and the saved model is the merged one. Returns the folder."""
+    model = acc.unwrap_model(loop.model)
+    out = run_dir / "model"
+    if acc.is_main_process:
+        if lora:
+            from medmllm.model.lora import merge, save_adapter
+
+            save_adapter(model, run_dir / "adapter")
+            model = merge(model)
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+    acc.wait_for_everyone()
+    return out
+
+
 def run(cfg: SFTConfig, progress: bool = True) -> dict:
     """Train one stage; the model and tokenizer end up in ``run_dir/model``. Returns a summary."""
     from medmllm.data.collate import MultimodalCollator
@@ -260,15 +277,7 @@ def run(cfg: SFTConfig, progress: bool = True) -> dict:
     # train ------------------------------------------------------------------
     result = loop.run()
     # save -------------------------------------------------------------------
-    model = acc.unwrap_model(loop.model)
-    out = run_dir / "model"
-    if cfg.lora.enabled:
-        from medmllm.model.lora import merge, save_adapter
-
-        save_adapter(model, run_dir / "adapter")
-        model = merge(model)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    out = save_final_model(acc, loop, tokenizer, run_dir, lora=cfg.lora.enabled)
     # cleanup ----------------------------------------------------------------
     if dataset.parts:
         skipped = sum(len(p.errors) for p in dataset.parts.values())

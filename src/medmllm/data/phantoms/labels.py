@@ -37,7 +37,7 @@ from __future__ import annotations
 
 from medmllm.data.phantoms.ecg import RHYTHMS
 from medmllm.data.phantoms.ehr import REFERENCE_RANGES
-from medmllm.data.phantoms.questions import (CT_ORGANS, MEDIA_PREFIX, SIDES, _media_part, lesion_organ,
+from medmllm.data.phantoms.questions import (CT_ORGANS, MEDIA_PREFIX, SIDES, lesion_organ, media_part,
                                              volume_organs)
 from medmllm.errors import InputError
 
@@ -220,7 +220,7 @@ def case_part(case: dict) -> dict:
     """
     case_kind(case)
     try:
-        part = dict(_media_part(case))
+        part = dict(media_part(case))
     except KeyError as exc:
         raise InputError(f"{case.get('case_id', '<case>')}.files", f"expected the main file's key, missing {exc}") from None
     if part["path"].startswith(MEDIA_PREFIX):

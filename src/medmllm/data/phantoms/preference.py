@@ -36,12 +36,12 @@ from typing import Callable
 
 import numpy as np
 
-from medmllm.data.records import media, message, validate_record, write_records
+from medmllm.data.phantoms.questions import media_part, organ_of
+from medmllm.data.records import message, validate_record, write_records
 from medmllm.errors import InputError
 
 PREFERENCE_FILE = "preference.jsonl"
 SEED_TAG = 11
-MEDIA_PREFIX = "../"  # records live in build_dir/records/, media paths are relative to it
 _REPORT_PROMPTS = {"xray": "Write the radiology report (findings and impression) for this chest radiograph.",
                    "ct": "Write the radiology report (findings and impression) for this CT slice.",
                    "ct3d": "Write the radiology report (findings and impression) for this CT volume."}
@@ -57,36 +57,6 @@ def read_cases(build_dir: str | os.PathLike) -> list[dict]:
         raise InputError(path, "expected a MedPhantom build (cases.jsonl written by build_phantoms), found none")
     with open(path, encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]
-
-
-def media_part(case: dict) -> dict:
-    """The record part pointing at the case's main file (as the build's own records point at it)."""
-    f, mod = case["files"], case["modality"]
-    if mod == "xray":
-        return media("image", MEDIA_PREFIX + f["png"])
-    if mod == "ct":
-        return media("image", MEDIA_PREFIX + f["dicom"], window=case["truth"].get("window", "soft_tissue"))
-    if mod == "ct3d":
-        return media("volume", MEDIA_PREFIX + f["nifti"])
-    if mod == "ecg":
-        return media("signal", MEDIA_PREFIX + f["hea"])
-    if mod == "ehr":
-        return media("ehr", MEDIA_PREFIX + f["json"])
-    raise InputError("case.modality", f"expected one of xray, ct, ct3d, ecg, ehr, got {mod!r}")
-
-
-def organ_of(case: dict) -> str:
-    """``meta.organ`` of a case's records (as the build's own records name it)."""
-    from medmllm.data.phantoms.questions import lesion_organ
-
-    mod, truth = case["modality"], case["truth"]
-    if mod == "xray":
-        return "chest"
-    if mod == "ct":
-        return truth["organ"]
-    if mod == "ct3d":
-        return lesion_organ(truth["findings"]["lesion"]) or truth.get("organ") or "chest-abdomen"
-    return {"ecg": "heart", "ehr": "whole body"}[mod]
 
 
 def case_rng(seed: int, case: dict, tag: int) -> np.random.Generator:
@@ -245,5 +215,5 @@ def build_preference(build_dir: str | os.PathLike, seed: int = 0) -> dict:
             "by_modality": dict(sorted(Counter(r["meta"]["modality"] for r in records).items()))}
 
 
-__all__ = ["PREFERENCE_FILE", "build_preference", "case_pairs", "findings", "hallucinated_case", "media_part",
-           "organ_of", "read_cases", "statement"]
+__all__ = ["PREFERENCE_FILE", "build_preference", "case_pairs", "findings", "hallucinated_case", "read_cases",
+           "statement"]

@@ -176,8 +176,8 @@ def reposition_choice(rec: dict, pos: int) -> dict:
     return validate_record(out)
 
 
-def _media_part(case: dict) -> dict:
-    """The record part pointing at the case's main file."""
+def media_part(case: dict) -> dict:
+    """The record part pointing at the case's main file (what every record of the case shows)."""
     f, mod = case["files"], case["modality"]
     if mod == "xray":
         return media("image", MEDIA_PREFIX + f["png"])
@@ -192,7 +192,8 @@ def _media_part(case: dict) -> dict:
     raise ValueError(f"modality: expected one of xray, ct, ct3d, ecg, ehr, got {mod!r}")
 
 
-def _organ(case: dict) -> str:
+def organ_of(case: dict) -> str:
+    """``meta.organ`` of a case's records."""
     mod, truth = case["modality"], case["truth"]
     if mod == "xray":
         return "chest"
@@ -207,7 +208,7 @@ def _record(case: dict, template: str, question: str, answer: str, *, choices: l
             extra: dict | None = None) -> dict:
     tpl = TEMPLATES[template]
     meta = {"dataset": DATASET, "split": case["split"], "task": tpl.task, "answer_type": tpl.answer_type,
-            "modality": case["modality"], "organ": _organ(case), "answer": answer,
+            "modality": case["modality"], "organ": organ_of(case), "answer": answer,
             "patient_id": case["patient_id"],
             "extra": {"template": template, "case_id": case["case_id"], **(extra or {})}}
     if case.get("counterfactual_of"):
@@ -216,7 +217,7 @@ def _record(case: dict, template: str, question: str, answer: str, *, choices: l
         meta["choices"] = list(choices)
         meta["extra"]["answer_text"] = choices[LETTERS.index(answer)]
     stage = "alignment" if tpl.task == "caption" else "instruction"
-    return make_record(f"{DATASET}-{case['case_id']}-{template}", [_media_part(case), question], answer, meta,
+    return make_record(f"{DATASET}-{case['case_id']}-{template}", [media_part(case), question], answer, meta,
                        stage=stage)
 
 
@@ -357,11 +358,11 @@ def _multiturn(case: dict, turns: list[tuple[str, str]]) -> dict:
     """One conversation asking several questions about the same image (image in the first turn)."""
     msgs = []
     for k, (q, a) in enumerate(turns):
-        msgs.append(message("user", _media_part(case), q) if k == 0 else message("user", q))
+        msgs.append(message("user", media_part(case), q) if k == 0 else message("user", q))
         msgs.append(message("assistant", a))
     tpl = TEMPLATES["xray_multiturn"]
     meta = {"dataset": DATASET, "split": case["split"], "task": tpl.task, "answer_type": tpl.answer_type,
-            "modality": case["modality"], "organ": _organ(case), "answer": turns[-1][1],
+            "modality": case["modality"], "organ": organ_of(case), "answer": turns[-1][1],
             "patient_id": case["patient_id"],
             "extra": {"template": "xray_multiturn", "case_id": case["case_id"], "answers": [a for _, a in turns]}}
     return validate_record({"id": f"{DATASET}-{case['case_id']}-xray_multiturn", "stage": "instruction",

@@ -42,7 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
-from medmllm.data.phantoms.preference import case_rng, media_part, organ_of, read_cases
+from medmllm.data.phantoms.preference import case_rng, read_cases
+from medmllm.data.phantoms.questions import media_part, organ_of
 from medmllm.data.records import make_record, write_records
 
 COT_INSTRUCTION = ("Think step by step inside <think></think>, then give the final answer inside "
