@@ -36,13 +36,15 @@ class QuickstartPlan:
 
     n_cases: int = 2000
     seed: int = 0
-    encoder_steps: int = 400
+    encoder_steps: int = 500
     encoder_batch: int = 40
     # share of encoder-stage samples per kind: small image findings need the most steps
     encoder_kind_weights: dict = dataclasses.field(
-        default_factory=lambda: {"image": 0.7, "volume": 0.1, "signal": 0.1, "ehr": 0.1})
-    align_steps: int = 150
+        default_factory=lambda: {"image": 0.5, "volume": 0.3, "signal": 0.1, "ehr": 0.1})
+    align_steps: int = 40
     instruct_steps: int = 900
+    instruct_lr: float = 5e-4           # the LLM's; projectors train at 4x
+    instruct_encoder_lr: float = 0.0    # > 0: encoders fine-tuned in the instruction stage (BatchNorm frozen)
     batch_size: int = 32
     eval_limit: int | None = None       # at most this many test questions (None: all)
     eval_batch: int = 64
@@ -333,7 +335,8 @@ def quickstart(out: str | Path = "runs/quickstart", smoke: bool = False, seed: i
     aligned = timed("align", stage_sft, out, "alignment", out / "encoder" / "model", [data / "records" / "alignment.jsonl"],
                     plan.align_steps, plan, progress, projector_lr=1e-3, warmup_steps=10)
     final = timed("instruct", stage_sft, out, "instruction", aligned, [data / "records" / "train.jsonl"],
-                  plan.instruct_steps, plan, progress, lr=3e-4, projector_lr=1e-3, warmup_steps=30)
+                  plan.instruct_steps, plan, progress, lr=plan.instruct_lr, projector_lr=4 * plan.instruct_lr,
+                  encoder_lr=plan.instruct_encoder_lr, warmup_steps=30)
     evaluation = timed("evaluate", stage_eval, out, data, final, plan, progress)
     example = timed("ask_example", ask_example, final, data)
     seconds["total"] = time.perf_counter() - t_all

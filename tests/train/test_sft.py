@@ -46,6 +46,21 @@ def test_alignment_trains_only_the_projectors(build, tmp_path):
     assert (tmp_path / "align" / "metrics.jsonl").exists()
 
 
+def test_instruction_with_encoder_lr_tunes_encoders_but_keeps_batchnorm(build, tmp_path):
+    from medmllm.model.builders import tiny
+    from medmllm.model.mllm import MedMLLM
+
+    before, _ = tiny()
+    res = run(_cfg(build, tmp_path / "enc", stage="instruction", optim={"encoder_lr": 1e-2}), progress=False)
+    w0, w1 = _weights(before), _weights(MedMLLM.from_pretrained(res["model"]))
+    changed = {k for k in w0 if not torch.equal(w0[k], w1[k])}
+    bn = {n for n, m in before.encoders.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    assert bn, "the tiny image encoder has BatchNorm layers"
+    bn_keys = {k for k in w0 if any(k.startswith(f"encoders.{n}.") for n in bn)}
+    assert any(k.startswith("encoders.image.stem") and k.endswith("weight") and k not in bn_keys for k in changed)
+    assert not (changed & bn_keys), sorted(changed & bn_keys)[:4]     # running stats and affine untouched
+
+
 def test_instruction_lora_saves_adapter_that_reloads_and_merges(build, tmp_path):
     from medmllm.model.lora import load_adapter
     from medmllm.model.builders import tiny

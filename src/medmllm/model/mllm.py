@@ -391,11 +391,16 @@ class MedMLLM(PreTrainedModel):
 
     def train(self, mode: bool = True):
         """Like ``nn.Module.train``, but a module group with no trainable parameter stays in eval mode:
-        a frozen encoder keeps its BatchNorm statistics and disables its dropout."""
+        a frozen encoder keeps its BatchNorm statistics and disables its dropout. So does any BatchNorm
+        layer whose own parameters are frozen (fine-tuning an encoder with its norms fixed)."""
         super().train(mode)
         if mode:
             for module in self.groups().values():
                 if not any(p.requires_grad for p in module.parameters()):
+                    module.eval()
+            for module in self.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(
+                        p.requires_grad for p in module.parameters()):
                     module.eval()
         return self
 

@@ -3,7 +3,8 @@
 * ``alignment``: encoders and LLM frozen; the projectors learn to map encoder features into the
   LLM's embedding space on caption pairs.
 * ``instruction``: projectors + LLM trained (full, or LoRA through peft with projector weights
-  saved alongside); encoders frozen unless ``optim.encoder_lr > 0``.
+  saved alongside); encoders frozen unless ``optim.encoder_lr > 0`` (then their BatchNorm layers stay
+  frozen: statistics and affine parameters).
 
 Config (YAML + ``key=value`` overrides, see :class:`SFTConfig`)::
 
@@ -124,6 +125,11 @@ def set_stage_trainable(model, stage: str, optim: OptimConfig) -> dict[str, floa
         if optim.encoder_lr > 0:
             model.set_trainable("encoder.*", True)
             lrs["encoder.*"] = optim.encoder_lr
+            # BatchNorm layers keep their statistics and affine parameters: a modality's share of a mixed
+            # batch (a few volumes among 32 records) is too small for batch statistics
+            for module in model.encoders.modules():
+                if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                    module.requires_grad_(False)
     return lrs
 
 
