@@ -391,16 +391,15 @@ class MedMLLM(PreTrainedModel):
 
     def train(self, mode: bool = True):
         """Like ``nn.Module.train``, but a module group with no trainable parameter stays in eval mode:
-        a frozen encoder keeps its BatchNorm statistics and disables its dropout. So does any BatchNorm
-        layer whose own parameters are frozen (fine-tuning an encoder with its norms fixed)."""
+        a frozen encoder keeps its BatchNorm statistics and disables its dropout. So does any submodule
+        marked ``keep_eval = True`` (e.g. BatchNorm layers kept fixed while their encoder is fine-tuned)."""
         super().train(mode)
         if mode:
             for module in self.groups().values():
                 if not any(p.requires_grad for p in module.parameters()):
                     module.eval()
             for module in self.modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(
-                        p.requires_grad for p in module.parameters()):
+                if getattr(module, "keep_eval", False):
                     module.eval()
         return self
 

@@ -130,6 +130,7 @@ def set_stage_trainable(model, stage: str, optim: OptimConfig) -> dict[str, floa
             for module in model.encoders.modules():
                 if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
                     module.requires_grad_(False)
+                    module.keep_eval = True                    # MedMLLM.train() leaves it in eval mode
     return lrs
 
 
