@@ -281,7 +281,7 @@ def pair_lengths(records: list[dict], model, tokenizer, shapes) -> list[int]:
 def run(cfg: DPOConfig, progress: bool = True) -> dict:
     """Train the DPO stage; the model and tokenizer end up in ``run_dir/model``. Returns a summary."""
     from medmllm.data.collate import MultimodalCollator
-    from medmllm.data.dataset import ModalityShapes, PartLoader
+    from medmllm.data.dataset import PartLoader
     from medmllm.train.engine import LengthGroupedBatchSampler, TrainLoop, make_accelerator, make_loader_factory
     from medmllm.train.engine import seed_everything
     from medmllm.train.sft import load_model, make_scheduler, set_stage_trainable
@@ -292,7 +292,9 @@ def run(cfg: DPOConfig, progress: bool = True) -> dict:
     records, bases, data_hash = load_preference_records(cfg)       # bad data fails before any training
     model, tokenizer = load_model(cfg.model)
     acc = make_accelerator(cfg.train.mixed_precision, cfg.train.grad_accum)
-    shapes = ModalityShapes(image_size=cfg.data.image_size, image_channels=cfg.data.image_channels)
+    from medmllm.train.sft import data_shapes
+
+    shapes = data_shapes(model, cfg.data)
     dataset = PairDataset(records, bases, PartLoader(shapes, cache_items=20000))
     collator = MultimodalCollator(tokenizer, max_length=cfg.data.max_length, num_tokens_fn=model.num_tokens,
                                   truncation=cfg.data.truncation)

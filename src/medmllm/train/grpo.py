@@ -466,7 +466,7 @@ def make_loss_fn(s: GRPOSettings, reward_names: list[str]):
 def run(cfg: GRPOConfig, progress: bool = True) -> dict:
     """Train the GRPO stage; the model and tokenizer end up in ``run_dir/model``. Returns a summary."""
     from medmllm.data.collate import MultimodalCollator
-    from medmllm.data.dataset import ModalityShapes, PartLoader
+    from medmllm.data.dataset import PartLoader
     from medmllm.train.dpo import MultiBaseRecords
     from medmllm.train.engine import RandomBatchSampler, TrainLoop, make_accelerator, seed_everything
     from medmllm.train.sft import load_model, make_scheduler, set_stage_trainable
@@ -497,7 +497,9 @@ def run(cfg: GRPOConfig, progress: bool = True) -> dict:
     optimizer = torch.optim.AdamW([{"params": g["params"], "lr": g["lr"]} for g in groups],
                                   weight_decay=cfg.optim.weight_decay)
     scheduler = make_scheduler(optimizer, cfg.optim, t.max_steps)
-    shapes = ModalityShapes(image_size=cfg.data.image_size, image_channels=cfg.data.image_channels)
+    from medmllm.train.sft import data_shapes
+
+    shapes = data_shapes(model, cfg.data)
     dataset = MultiBaseRecords(prompts, bases, PartLoader(shapes, cache_items=20000))
     collator = MultimodalCollator(tokenizer, max_length=cfg.data.max_length, num_tokens_fn=model.num_tokens,
                                   truncation=cfg.data.truncation, train=False)

@@ -48,8 +48,8 @@ class DataConfig:
     exclude_tasks: list = dataclasses.field(default_factory=list)
     max_length: int = 256
     truncation: Literal["drop", "shorten_text"] = "drop"
-    image_size: int = 128
-    image_channels: int = 1
+    image_size: Optional[int] = None                          # None: what the model fixes, else 128
+    image_channels: Optional[int] = None                      # None: the image encoder's in_channels
 
 
 @dataclasses.dataclass
@@ -222,6 +222,17 @@ def lm_loss(model, batch) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- the recipe
 
+def data_shapes(model, data: DataConfig):
+    """The :class:`ModalityShapes` records are loaded with: what the model's encoders fix (image
+    channels, a HF tower's size, 3-window volumes...; see ``modality_shapes_for``), with
+    ``data.image_size`` / ``data.image_channels`` where set (ConfigError if they contradict it)."""
+    from medmllm.model.inspect import modality_shapes_for
+
+    given = {k: v for k, v in (("image_size", data.image_size), ("image_channels", data.image_channels))
+             if v is not None}
+    return modality_shapes_for(model, **given)
+
+
 def save_final_model(acc, loop, tokenizer, run_dir: Path, *, lora: bool) -> Path:
     """Save the trained model (and tokenizer) to ``run_dir/model`` on the main process; with ``lora``
     the adapter goes to ``run_dir/adapter`` and the saved model is the merged one. Returns the folder."""
@@ -242,7 +253,7 @@ def save_final_model(acc, loop, tokenizer, run_dir: Path, *, lora: bool) -> Path
 def run(cfg: SFTConfig, progress: bool = True) -> dict:
     """Train one stage; the model and tokenizer end up in ``run_dir/model``. Returns a summary."""
     from medmllm.data.collate import MultimodalCollator
-    from medmllm.data.dataset import ModalityShapes, PartLoader, skip_bad_items
+    from medmllm.data.dataset import PartLoader, skip_bad_items
     from medmllm.train.engine import LengthGroupedBatchSampler, TrainLoop, make_accelerator, make_loader_factory
     from medmllm.train.engine import seed_everything
 
@@ -262,9 +273,7 @@ def run(cfg: SFTConfig, progress: bool = True) -> dict:
     optimizer = torch.optim.AdamW([{"params": g["params"], "lr": g["lr"]} for g in groups],
                                   weight_decay=cfg.optim.weight_decay)
     scheduler = make_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
-    from medmllm.model.inspect import modality_shapes_for
-
-    shapes = modality_shapes_for(model, image_size=cfg.data.image_size)   # channels etc. as the encoders fix them
+    shapes = data_shapes(model, cfg.data)
     dataset = _MultiBaseDataset(records, bases, PartLoader(shapes, cache_items=20000))
     collate = skip_bad_items(MultimodalCollator(tokenizer, max_length=cfg.data.max_length,
                                                 num_tokens_fn=model.num_tokens, truncation=cfg.data.truncation))
