@@ -178,12 +178,13 @@ def test_request_carries_images_as_data_urls_and_other_inputs_as_input_files(fil
 
 
 def test_request_fits_medmllm_servers_schema(files):
-    schema = pytest.importorskip("medmllm.serve.schema")
-    if not hasattr(schema, "ChatRequest"):
-        pytest.skip("medmllm.serve.schema has no ChatRequest")
+    from medmllm.serve.schema import ChatRequest
+
     be = OpenAIBackend("http://127.0.0.1:1/v1", "m")
     body = be.request_body(_record_with_everything(), files, {"max_new_tokens": 5, "temperature": 0})
-    schema.ChatRequest.model_validate(body)  # strict: unknown keys in a part are refused
+    req = ChatRequest.model_validate(body)  # strict: unknown keys in a part are refused (raises)
+    assert req.max_tokens == 5 and req.model == "m"
+    assert len(req.messages[-1].content) == len(body["messages"][-1]["content"])
 
 
 def test_image_type_comes_from_magic_bytes_before_the_suffix(tmp_path):
