@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from medmllm.errors import ConfigError, RecordError
 from medmllm.eval import normalize as N
-from medmllm.eval.protocols import PROTOCOLS, Protocol, extract_choice, score_all
+from medmllm.eval.protocols import PROTOCOLS, Protocol, extract_choice, get_protocol, score_all
 from medmllm.registry import Registry
 
 CHOICES = ["Axial", "Coronal", "Sagittal", "Oblique"]
@@ -33,8 +33,8 @@ def s(name, pred, meta, **kw):
 
 # ----------------------------------------------------------------------------- registry
 
-def test_registry_holds_the_five_versioned_protocols():
-    assert PROTOCOLS.names() == ["exact", "f1", "llava-med", "mcq", "multimedeval"]
+def test_registry_holds_the_six_versioned_protocols():
+    assert PROTOCOLS.names() == ["exact", "f1", "llava-med", "mcq", "multimedeval", "numeric"]
     for name in PROTOCOLS:
         p = PROTOCOLS.get(name)
         assert p.name == name and p.version == 1 and isinstance(p, Protocol)
@@ -337,3 +337,30 @@ def test_a_protocol_registry_is_a_plain_registry():
     reg.register("x", PROTOCOLS.get("exact"))
     with pytest.raises(ConfigError, match="duplicate"):
         reg.register("x", PROTOCOLS.get("f1"))
+
+
+# ----------------------------------------------------------------------------- numeric
+
+@pytest.mark.parametrize("pred, gold, tol, want", [
+    ("about 76 bpm", "72", 5, 1),          # |76 - 72| = 4 <= 5
+    ("77", "72", 5, 1),                    # exactly on the boundary: 5 <= 5
+    ("78", "72", 5, 0),                    # 6 > 5
+    ("<answer>15</answer>", "15", 5, 1),   # the tag is not a number; 15 is the first number
+    ("1,000 ml", "1000", 0, 1),            # commas are thousands separators
+    ("-3", "3", 1, 0),                     # the sign counts: |-3 - 3| = 6
+    ("no idea", "72", 5, 0),               # no number: wrong
+    ("12.5 mm", "12", 0.5, 1),             # 0.5 <= 0.5
+])
+def test_numeric_within_tolerance_by_hand(pred, gold, tol, want):
+    meta = {"answer": gold, "answer_type": "open", "extra": {"tolerance": tol}}
+    assert get_protocol("numeric").score(pred, meta)["correct"] == want
+
+
+def test_numeric_without_tolerance_is_exact_and_bad_tolerance_fails():
+    numeric = get_protocol("numeric")
+    assert numeric.score("Yes.", {"answer": "yes", "answer_type": "closed"})["correct"] == 1
+    assert numeric.score("3", {"answer": "three", "answer_type": "open"})["correct"] == 1   # number words -> digits
+    assert numeric.score("4", {"answer": "3", "answer_type": "open"})["correct"] == 0
+    with pytest.raises(RecordError, match="tolerance"):
+        numeric.score("3", {"answer": "3", "answer_type": "open", "extra": {"tolerance": -1}})
+    assert numeric.score("80", {"answer": "72", "answer_type": "open", "extra": {"tolerance": 5}})["abs_error"] == 8

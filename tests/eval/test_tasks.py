@@ -11,7 +11,8 @@ from medmllm.eval.metrics import METRICS
 from medmllm.eval.protocols import PROTOCOLS
 
 BUILTIN = ["gmai_mmbench", "iu_xray_report", "mediconfusion", "medphantom_ct", "medphantom_ct3d", "medphantom_ecg",
-           "medphantom_ehr", "medphantom_report", "medphantom_xray", "medxpertqa_mm", "mimic_cxr_report",
+           "medphantom_ehr", "medphantom_reasoning", "medphantom_report", "medphantom_xray", "medxpertqa_mm",
+           "mimic_cxr_report",
            "omnimedvqa", "pathvqa", "pmc_vqa_test", "pmc_vqa_test_clean", "slake_en", "slake_zh", "vqa_rad"]
 
 GOOD = """\

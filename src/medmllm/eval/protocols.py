@@ -37,6 +37,7 @@ Protocols (one line each; details in each class's docstring):
 from __future__ import annotations
 
 import gc
+import math
 import re
 from collections import Counter
 from functools import lru_cache
@@ -408,6 +409,62 @@ def _max_letter(letters: frozenset) -> int:
 
 
 # ----------------------------------------------------------------------------- scoring many
+
+# ----------------------------------------------------------------------------- numeric
+
+_NUMBER_RE = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
+
+
+def first_number(text: str) -> float | None:
+    """The first number in ``text`` (``"about 72 bpm"`` -> 72.0; commas are dropped first, as thousands
+    separators: ``"1,000"`` -> 1000.0), or None."""
+    m = _NUMBER_RE.search(text.replace(",", ""))
+    return float(m.group(0)) if m else None
+
+
+def tolerance_of(meta: dict) -> float | None:
+    """``meta.extra.tolerance`` (absolute, in the answer's unit), None when absent; RecordError if bad."""
+    tol = (meta.get("extra") or {}).get("tolerance")
+    if tol is None:
+        return None
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol < 0:
+        raise RecordError("meta.extra.tolerance", f"expected a finite number >= 0, got {tol!r}")
+    return float(tol)
+
+
+def numeric_correct(answer: str, gold: str, tolerance: float) -> bool:
+    """``|first number of answer - first number of gold| <= tolerance`` (False without a number)."""
+    g = first_number(str(gold))
+    if g is None:
+        raise RecordError("meta.answer", f"expected a number for a numeric answer (tolerance set), got {gold!r}")
+    p = first_number(answer)
+    return p is not None and math.isfinite(p) and abs(p - g) <= tolerance + 1e-9
+
+
+@register
+class Numeric(Protocol):
+    """Numeric v1: answers with ``meta.extra.tolerance`` are right when their first number lies within
+    the tolerance of the gold number (``|pred - gold| <= tolerance``; no number = wrong); every other
+    answer is scored as :class:`Exact` v1. ``abs_error`` is reported for the numeric items. The
+    ``accuracy`` reward of the RL stages (:mod:`medmllm.train.rewards`) uses the same rule.
+    """
+
+    name = "numeric"
+    version = 1
+    description = ("medmllm numeric scoring: the first number of the answer within meta.extra.tolerance of the gold "
+                   "number (absolute, in the answer's unit); answers without a tolerance scored as exact v1.")
+
+    def _score(self, pred: str, gold: str, meta: dict) -> dict:
+        tol = tolerance_of(meta)
+        if tol is None:
+            return Exact._score(self, pred, gold, meta)
+        hit = int(numeric_correct(pred, gold, tol))
+        p, g = first_number(pred), first_number(gold)
+        out = {"score": hit, "correct": hit}
+        if p is not None and g is not None and math.isfinite(p):
+            out["abs_error"] = abs(p - g)
+        return out
+
 
 def get_protocol(name: str) -> Protocol:
     """The protocol registered under exactly ``name`` (ConfigError listing known names otherwise)."""

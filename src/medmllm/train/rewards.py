@@ -36,6 +36,7 @@ import re
 from typing import Callable, Mapping, Sequence, Union
 
 from medmllm.errors import ConfigError, RecordError
+from medmllm.eval.protocols import first_number, numeric_correct, tolerance_of  # noqa: F401  (re-exported)
 from medmllm.registry import Registry
 
 RewardFn = Callable[[str, dict], float]
@@ -43,7 +44,6 @@ REWARDS: Registry[RewardFn] = Registry("reward")
 
 LENGTH_SOFT_CHARS = 400
 LENGTH_HARD_CHARS = 800
-_NUMBER = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
 _FORMAT = re.compile(r"\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*", re.DOTALL)
 _TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 
@@ -71,13 +71,6 @@ def get_reward(name: str) -> RewardFn:
 
 # ----------------------------------------------------------------------------- accuracy
 
-def first_number(text: str) -> float | None:
-    """The first number in ``text`` (``"about 72 bpm"`` -> 72.0; commas are dropped first, as thousands
-    separators: ``"1,000"`` -> 1000.0), or None."""
-    m = _NUMBER.search(text.replace(",", ""))
-    return float(m.group(0)) if m else None
-
-
 def _meta(record: dict) -> dict:
     meta = record.get("meta") if isinstance(record, dict) else None
     if not isinstance(meta, dict):
@@ -85,25 +78,6 @@ def _meta(record: dict) -> dict:
     if meta.get("answer") in (None, ""):
         raise RecordError("meta.answer", f"expected a gold answer to reward against, got {meta.get('answer')!r}")
     return meta
-
-
-def _tolerance(meta: dict) -> float | None:
-    extra = meta.get("extra") or {}
-    tol = extra.get("tolerance")
-    if tol is None:
-        return None
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol < 0:
-        raise RecordError("meta.extra.tolerance", f"expected a finite number >= 0, got {tol!r}")
-    return float(tol)
-
-
-def numeric_correct(answer: str, gold: str, tolerance: float) -> bool:
-    """``|first number of answer - first number of gold| <= tolerance`` (False without a number)."""
-    g = first_number(str(gold))
-    if g is None:
-        raise RecordError("meta.answer", f"expected a number for a numeric answer (tolerance set), got {gold!r}")
-    p = first_number(answer)
-    return p is not None and math.isfinite(p) and abs(p - g) <= tolerance + 1e-9
 
 
 @register_reward("accuracy")
@@ -114,7 +88,7 @@ def accuracy(completion: str, record: dict) -> float:
 
     meta = _meta(record)
     answer = extract_answer_tag(completion or "")
-    tol = _tolerance(meta)
+    tol = tolerance_of(meta)
     if tol is not None:
         return float(numeric_correct(answer, str(meta["answer"]), tol))
     at = meta.get("answer_type", "open")

@@ -29,6 +29,9 @@ def test_splits_follow_the_builds_patients(build):
     out, summary, cases, recs = build
     assert summary["splits"] == {s: len(v) for s, v in recs.items()} and min(summary["splits"].values()) > 0
     assert summary["paths"] == {s: f"records/reasoning_{s}.jsonl" for s in recs}   # relative: the build can move
+    manifest = json.loads((out / summary["manifest"]).read_text())
+    assert {s: sorted(m["ids"]) for s, m in manifest["splits"].items()} == {
+        s: sorted(r["id"] for r in rs) for s, rs in recs.items() if rs}       # the eval task's manifest
     for split, rs in recs.items():
         for r in rs:
             case = cases[r["meta"]["extra"]["case_id"]]

@@ -44,7 +44,7 @@ import numpy as np
 
 from medmllm.data.phantoms.preference import case_rng, read_cases
 from medmllm.data.phantoms.questions import media_part, organ_of
-from medmllm.data.records import make_record, write_records
+from medmllm.data.records import make_record, write_manifest, write_records
 
 COT_INSTRUCTION = ("Think step by step inside <think></think>, then give the final answer inside "
                    "<answer></answer>.")
@@ -200,7 +200,8 @@ def case_reasoning_records(case: dict, rng: np.random.Generator, build_dir: str 
 
 
 def build_reasoning(build_dir: str | os.PathLike, seed: int = 0) -> dict:
-    """Write ``records/reasoning_{train,validation,test}.jsonl`` -> summary ``{"paths" (relative to build_dir),
+    """Write ``records/reasoning_{train,validation,test}.jsonl`` and their split manifest
+    ``records/reasoning.manifest.json`` -> summary ``{"paths" (relative to build_dir), "manifest",
     "splits", "templates"}`` (JSON-ready)."""
     build_dir = Path(build_dir)
     by_split: dict[str, list[dict]] = {s: [] for s in SPLITS}
@@ -211,7 +212,9 @@ def build_reasoning(build_dir: str | os.PathLike, seed: int = 0) -> dict:
     for split, recs in by_split.items():
         paths[split] = f"records/reasoning_{split}.jsonl"
         write_records(build_dir / paths[split], recs)
-    return {"paths": paths, "splits": {s: len(v) for s, v in by_split.items()},
+    manifest = "records/reasoning.manifest.json"                        # what `medmllm eval` checks
+    write_manifest(build_dir / manifest, [r for v in by_split.values() for r in v], base_dir=build_dir / "records")
+    return {"paths": paths, "manifest": manifest, "splits": {s: len(v) for s, v in by_split.items()},
             "templates": dict(sorted(Counter(r["meta"]["extra"]["template"] for v in by_split.values()
                                              for r in v).items()))}
 
