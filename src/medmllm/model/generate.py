@@ -17,12 +17,12 @@ import torch
 from medmllm.errors import ConfigError, InputError
 
 
-def _eos_ids(model, tokenizer) -> list[int]:
+def eos_ids(model, tokenizer) -> list[int]:
     """End-of-turn ids: the tokenizer's eos (medmllm sets it to the family's eot) and the LLM's."""
     ids = {tokenizer.eos_token_id}
-    cfg = model.llm.config.eos_token_id
+    cfg = getattr(model.llm.config, "eos_token_id", None)
     ids.update(cfg if isinstance(cfg, (list, tuple)) else [cfg])
-    return sorted(i for i in ids if i is not None)
+    return sorted(int(i) for i in ids if i is not None)
 
 
 def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float,
@@ -45,7 +45,7 @@ def _cut(text: str, stop_strings: Sequence[str]) -> tuple[str, bool]:
     return (text[: min(hits)], True) if hits else (text, False)
 
 
-def _model_inputs(model, batch: dict) -> dict:
+def model_inputs(model, batch: dict) -> dict:
     """The batch's forward inputs, moved to the model's device."""
     device = model.device
 
@@ -89,7 +89,7 @@ def generate_ids(model, batch: dict, tokenizer, max_new_tokens: int = 64, do_sam
     if do_sample and (temperature <= 0 or not 0 < top_p <= 1):
         raise ConfigError(f"sampling needs temperature > 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
     stop_strings = [s for s in (stop_strings or []) if s]
-    inputs = _model_inputs(model, batch)
+    inputs = model_inputs(model, batch)
     mask = inputs.get("attention_mask")
     if mask is not None and bool((mask[:, -1] == 0).any()):
         raise InputError("attention_mask", "expected left padding (every row ends with a real token), got a row "
@@ -110,7 +110,7 @@ def _decode_loop(model, inputs: dict, tokenizer, max_new_tokens: int, do_sample:
     embeds, attention, positions = model.embed_inputs(**inputs)              # [B, L, H], [B, L], [B, L]
     b = embeds.shape[0]
     generator = torch.Generator(device=embeds.device).manual_seed(seed) if seed is not None else None
-    eos = torch.tensor(_eos_ids(model, tokenizer), device=embeds.device)
+    eos = torch.tensor(eos_ids(model, tokenizer), device=embeds.device)
     out = llm(inputs_embeds=embeds, attention_mask=attention, position_ids=positions, use_cache=True,
               logits_to_keep=1)
     next_pos = positions[:, -1:] + 1                                          # [B, 1]

@@ -148,13 +148,6 @@ def _modality_entry(kind: str, x, calls: dict, ids: torch.Tensor, token_id: int)
 
 # ============================================================================= decoding with attention
 
-def _eos_ids(model, tokenizer) -> torch.Tensor:
-    ids = {tokenizer.eos_token_id}
-    cfg = model.llm.config.eos_token_id
-    ids.update(cfg if isinstance(cfg, (list, tuple)) else [cfg])
-    return torch.tensor(sorted(i for i in ids if i is not None), device=model.device)
-
-
 @contextlib.contextmanager
 def _eager(llm) -> Iterator[None]:
     """Run ``llm`` with eager attention (the only implementation returning weights), then restore."""
@@ -177,7 +170,9 @@ def _generate_with_attention(model, tokenizer, ids, embeds, attention, positions
     for k in kinds:
         src[ids == model.config.placeholder_token_ids[k]] = sources.index(k)
     src[~real] = len(sources)                                                    # padding: dropped below
-    eos = _eos_ids(model, tokenizer)
+    from medmllm.model.generate import eos_ids
+
+    eos = torch.tensor(eos_ids(model, tokenizer), device=model.device)
     llm = model.llm
     with _eager(llm):
         out = llm(inputs_embeds=embeds, attention_mask=attention, position_ids=positions, use_cache=True,

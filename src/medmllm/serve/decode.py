@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from medmllm.model.generate import _eos_ids, _model_inputs  # the exact inputs generate() feeds
+from medmllm.model.generate import eos_ids, model_inputs  # the exact inputs generate() feeds
 
 
 @dataclass(frozen=True)
@@ -151,7 +151,7 @@ class _State:
 
 def _prefill(model, batch: dict, rows: Sequence[Row]) -> _State:
     """Run the prompts of a collated left-padded ``batch`` (``rows[i]`` is row ``i``) through the model."""
-    inputs = _model_inputs(model, batch)
+    inputs = model_inputs(model, batch)
     embeds, attention, positions = model.embed_inputs(**inputs)                 # [B, L, H], [B, L], [B, L]
     for row in rows:
         if row.params.temperature > 0:
@@ -233,7 +233,7 @@ def run_batch(model, tokenizer, batch: dict, rows: Sequence[Row],
     ``row_steps`` (rows decoded summed over steps). Rows report through their callbacks; an exception
     from the model propagates (the caller fails the rows that have not ended).
     """
-    eos = set(_eos_ids(model, tokenizer))
+    eos = set(eos_ids(model, tokenizer))
     capacity = capacity or len(rows)
     st, passes = _prefill(model, batch, rows), 1
     while True:

@@ -46,6 +46,7 @@ import torch
 
 from medmllm.data.phantoms.reasoning import COT_INSTRUCTION
 from medmllm.errors import ConfigError, InputError
+from medmllm.model.generate import eos_ids
 from medmllm.train.rl_losses import IGNORE_INDEX, group_advantages, grpo_loss, token_logprobs
 from medmllm.train.sft import DataConfig, LoraConfig, ModelConfig, OptimConfig, SFTTrain, save_final_model
 
@@ -188,14 +189,6 @@ def _forward_logps(model, batch: dict) -> torch.Tensor:
     return token_logprobs(logits, batch["labels"])                                      # [N, L]
 
 
-def _eos_ids(model, tokenizer) -> list[int]:
-    """End-of-turn ids: the tokenizer's eos and the LLM config's."""
-    ids = {tokenizer.eos_token_id}
-    cfg = getattr(model.llm.config, "eos_token_id", None)
-    ids.update(cfg if isinstance(cfg, (list, tuple)) else [cfg])
-    return sorted(int(i) for i in ids if i is not None)
-
-
 @torch.no_grad()
 def sample_completions(model, batch: dict, tokenizer, *, max_new_tokens: int, temperature: float = 1.0,
                        top_p: float = 1.0, stop_strings: list[str] | None = None, seed: int = 0,
@@ -221,7 +214,7 @@ def sample_completions(model, batch: dict, tokenizer, *, max_new_tokens: int, te
         embeds, attention, positions = model.embed_inputs(**inputs)                  # [B, L, H], [B, L], [B, L]
         b, dev = embeds.shape[0], embeds.device
         gen = torch.Generator(device=dev).manual_seed(int(seed))
-        eos = torch.tensor(_eos_ids(model, tokenizer), device=dev)
+        eos = torch.tensor(eos_ids(model, tokenizer), device=dev)
         banned = torch.tensor(sorted(set(banned_ids or [])), dtype=torch.long, device=dev)
         out = model.llm(inputs_embeds=embeds, attention_mask=attention, position_ids=positions, use_cache=True,
                         logits_to_keep=1)
