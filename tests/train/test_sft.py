@@ -91,3 +91,14 @@ def test_bad_config_fails_before_training(build, tmp_path):
     with pytest.raises(ConfigError, match="model.path"):
         run(_cfg(build, tmp_path / "y", model={"path": str(tmp_path)}), progress=False)
     assert not (tmp_path / "x").exists() or not any((tmp_path / "x").rglob("step_*"))
+
+
+def test_batch_with_every_sample_dropped_is_a_no_op_step(build, tmp_path):
+    from medmllm.model.builders import tiny
+    from medmllm.model.mllm import MedMLLM
+
+    before, _ = tiny()
+    res = run(_cfg(build, tmp_path / "empty", stage="instruction", data={"max_length": 8}), progress=False)
+    after = MedMLLM.from_pretrained(res["model"])
+    w0, w1 = _weights(before), _weights(after)
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)  # every sample is longer than 8 tokens: nothing trains

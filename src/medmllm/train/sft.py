@@ -216,6 +216,14 @@ def make_scheduler(optimizer, optim: OptimConfig, max_steps: int):
 
 
 def lm_loss(model, batch) -> torch.Tensor:
+    """Mean next-token loss on assistant tokens. A batch whose samples were all dropped by the
+    collator (e.g. every one longer than ``data.max_length``) gives a zero loss that still reaches
+    every trainable weight, so the step is a no-op and multi-process gradient syncs stay in step."""
+    if batch["input_ids"].shape[0] == 0:
+        dropped = batch.get("dropped") or []
+        log.warning("empty batch: all %d samples dropped (first: %s)", len(dropped),
+                    dropped[0] if dropped else "-")
+        return sum((p.sum() * 0.0 for p in model.parameters() if p.requires_grad), torch.zeros(()))
     keys = ("input_ids", "attention_mask", "labels", "modality_inputs", "modality_batch_index")
     return model(**{k: batch[k] for k in keys if k in batch}).loss
 
