@@ -127,7 +127,7 @@ def phantoms_cmd(
 
 @app.command("train")
 def train_cmd(
-    recipe: Path = typer.Argument(..., help="Recipe YAML (stage: encoder | alignment | instruction | dpo | grpo)."),
+    recipe: Path = typer.Argument(..., help="Recipe YAML (stage: encoder | alignment | instruction | dpo | grpo | distill)."),
     overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides, e.g. train.max_steps=500"),
 ) -> None:
     """Run one training stage from a recipe YAML with key=value overrides."""
@@ -155,8 +155,13 @@ def train_cmd(
             from medmllm.train.grpo import GRPOConfig, run as run_grpo
 
             summary = run_grpo(load_config(recipe, overrides or [], schema=GRPOConfig))
+        elif stage == "distill":
+            from medmllm.train.distill import DistillConfig, run as run_distill
+
+            summary = run_distill(load_config(recipe, overrides or [], schema=DistillConfig))
         else:
-            raise ConfigError(f"{recipe}: stage: expected alignment, instruction, encoder, dpo or grpo, got {stage!r}")
+            raise ConfigError(f"{recipe}: stage: expected alignment, instruction, encoder, dpo, grpo or distill, "
+                              f"got {stage!r}")
     except MedmllmError as exc:
         _fail(exc)
     typer.echo(json.dumps(summary, indent=2, default=str))

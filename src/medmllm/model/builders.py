@@ -169,37 +169,46 @@ def example_input(kind: str, generator: torch.Generator | None = None, size: int
 
 # ----------------------------------------------------------------------------- small
 
-def small_encoder_specs(ehr_features: int | None = None, leads: int = 12) -> dict[str, dict]:
+def small_encoder_specs(ehr_features: int | None = None, leads: int = 12, scale: float = 1.0) -> dict[str, dict]:
     """Encoders of :func:`small` (widths 128/64): image 17 tokens, volume 17 (a 3D CNN), signal
     ``ceil(T / 50)`` (e.g. 2500 samples -> 50), ehr one token per feature. The volume encoder takes
-    3 channels: the CT windows of ``ModalityShapes.volume_windows`` (``volume_window="multi"``)."""
+    3 channels: the CT windows of ``ModalityShapes.volume_windows`` (``volume_window="multi"``).
+    ``scale`` multiplies every width (token counts stay the same), e.g. 0.5 for a distillation student."""
     if ehr_features is None:
         from medmllm.data.dataset import DEFAULT_EHR_FEATURES
 
         ehr_features = len(DEFAULT_EHR_FEATURES)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale <= 4:
+        raise ConfigError(f"encoder_scale: expected a number in (0, 4], got {scale!r}")
+
+    def w(n: int, multiple: int = 4) -> int:  # scaled width, a multiple of the head count
+        return max(multiple, int(round(n * scale / multiple)) * multiple)
+
     return {
-        "image": {"name": "cnn_image", "kwargs": dict(in_channels=1, width=16, depth=4, out_dim=128, grid=4)},
-        "volume": {"name": "cnn_volume", "kwargs": dict(in_channels=3, width=8, depth=3, out_dim=128,
+        "image": {"name": "cnn_image", "kwargs": dict(in_channels=1, width=w(16), depth=4, out_dim=w(128), grid=4)},
+        "volume": {"name": "cnn_volume", "kwargs": dict(in_channels=3, width=w(8), depth=3, out_dim=w(128),
                                                         grid=[4, 2, 2])},
-        "signal": {"name": "ecg", "kwargs": dict(n_leads=leads, dim=128, depth=2, heads=4, patch=[5, 5, 2])},
-        "ehr": {"name": "ehr", "kwargs": dict(n_features=ehr_features, dim=64, depth=1, heads=4)},
+        "signal": {"name": "ecg", "kwargs": dict(n_leads=leads, dim=w(128), depth=2, heads=4, patch=[5, 5, 2])},
+        "ehr": {"name": "ehr", "kwargs": dict(n_features=ehr_features, dim=w(64), depth=1, heads=4)},
     }
 
 
 @BUILDERS.register("small")
 def small(family: str = "llama", modalities: Sequence[str] = MODALITIES, projector: str = "mlp",
           hidden: int = 256, layers: int = 4, projector_kwargs: dict | None = None, seed: int = 0,
-          tokenizer=None):
+          tokenizer=None, encoder_scale: float = 1.0):
     """A ~4M-parameter model for the CPU quickstart: :func:`small_encoder_specs` -> ``projector`` ->
     a ``layers``-layer decoder of width ``hidden`` (4 heads, MLP ``2 * hidden``) of ``family``.
 
     ``tokenizer``: one to use instead of the tiny BPE of ``family`` (it needs the modality tokens).
+    ``encoder_scale``: encoder widths times this (0.5 with ``hidden=128, layers=2`` gives a ~1M
+    distillation student of the default model, with the same tokens per input).
     """
     from medmllm.data.tokenizers import build_tokenizer
 
     family, kinds = _family(family), _modalities(modalities)
     tokenizer = tokenizer if tokenizer is not None else build_tokenizer(LLM_FAMILIES[family][0])
-    enc = {k: s for k, s in small_encoder_specs().items() if k in kinds}
+    enc = {k: s for k, s in small_encoder_specs(scale=encoder_scale).items() if k in kinds}
     proj = {k: _projector_spec(projector, _width(s), hidden, projector_kwargs) for k, s in enc.items()}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
