@@ -165,20 +165,19 @@ class InProcessBackend:
 
     def answer(self, records: Sequence[dict], base_dir: str | os.PathLike, gen: dict, *,
                on_batch: OnBatch | None = None, ablation: str | None = None, seed: int = 0) -> list[str | None]:
-        """Greedy answers, ``batch_size`` records per batch (see the module doc)."""
+        """Answers, ``batch_size`` records per batch (see the module doc): greedy at temperature 0, else
+        nucleus sampling seeded per batch (the same seed and records give the same answers)."""
         from medmllm.eval.inprocess import predict
 
         g = generation_settings(gen)
-        if g["temperature"] > 0:
-            raise ConfigError(f"temperature: the in-process backend decodes greedily (temperature 0), got "
-                              f"{g['temperature']}")
         records = list(records)
         out: list[str | None] = []
         for start in range(0, len(records), self.batch_size):
             chunk = records[start:start + self.batch_size]
             answers = predict(self.model, self.tokenizer, chunk, base_dir, self.shapes, batch_size=len(chunk),
                               max_new_tokens=g["max_new_tokens"], max_length=self.max_length, ablation=ablation,
-                              seed=batch_seed(seed, chunk[0]["id"]), progress=False)
+                              seed=batch_seed(seed, chunk[0]["id"]), progress=False,
+                              temperature=g["temperature"], top_p=g.get("top_p", 1.0))
             out.extend(answers)
             if on_batch is not None:
                 on_batch([r["id"] for r in chunk], list(answers))

@@ -86,6 +86,9 @@ def eval_main(
     timeout: float = typer.Option(120.0, "--timeout", help="Seconds per request (--endpoint)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the noise baseline and of trust-suite probes."),
+    self_consistency: int = typer.Option(1, "--self-consistency", min=1,
+                                         help="Answer by majority over this many sampled answers (1: off)."),
+    sc_temperature: float = typer.Option(0.7, "--sc-temperature", help="Sampling temperature of --self-consistency."),
     blind: bool = typer.Option(True, "--blind/--no-blind", help="Blank/noise-input baseline (in-process only)."),
     manifest_check: bool = typer.Option(True, "--manifest-check/--no-manifest-check",
                                         help="Check the records against their split manifest."),
@@ -113,6 +116,10 @@ def eval_main(
         resolve_protocols(protocol or None)
         resolve_trust(trust or [])
         backend = make_backend(model, endpoint, api_key, batch_size, concurrency, retries, timeout, device)
+        if self_consistency > 1:
+            from medmllm.eval.self_consistency import SelfConsistency
+
+            backend = SelfConsistency(backend, self_consistency, temperature=sc_temperature)
         res = run_eval(backend, specs, out, protocols=protocol or None, data_root=data_root, limit=limit,
                        trust=trust or [], seed=seed, progress=progress, blind=blind, manifest_check=manifest_check)
         report = write_report(out)

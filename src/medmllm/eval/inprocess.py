@@ -46,9 +46,10 @@ def ablate(kind: str, x: torch.Tensor, how: str | None, generator: torch.Generat
 
 def predict(model, tokenizer, records: Sequence[dict], base_dir: str | os.PathLike, shapes=None, *,
             batch_size: int = 32, max_new_tokens: int = 16, max_length: int = 512, ablation: str | None = None,
-            seed: int = 0, progress: bool = True, on_batch: Callable[[list[str], list[str]], None] | None = None
-            ) -> list[str | None]:
-    """Greedy answers, one per record (``None`` where the record's files could not be read).
+            seed: int = 0, progress: bool = True, on_batch: Callable[[list[str], list[str]], None] | None = None,
+            temperature: float = 0.0, top_p: float = 1.0) -> list[str | None]:
+    """Answers, one per record (``None`` where the record's files could not be read): greedy, or
+    with ``temperature > 0`` nucleus sampling (``top_p``) seeded per batch from ``seed``.
 
     ``on_batch(ids, answers)`` is called after each batch (e.g. to stream predictions to a file).
     """
@@ -81,7 +82,10 @@ def predict(model, tokenizer, records: Sequence[dict], base_dir: str | os.PathLi
         if good:
             batch = collate([items[i] for i in good])
             kept = {rid: pos for pos, rid in enumerate(batch["ids"])}
-            answers = generate(model, batch, tokenizer, max_new_tokens=max_new_tokens) if batch["ids"] else []
+            sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, seed=seed + start) \
+                if temperature > 0 else {}
+            answers = generate(model, batch, tokenizer, max_new_tokens=max_new_tokens, **sampling) \
+                if batch["ids"] else []
             for i in good:
                 pos = kept.get(ds.records[i]["id"])
                 if pos is not None:

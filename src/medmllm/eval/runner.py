@@ -463,6 +463,8 @@ def run_task(backend, spec, out_dir: Path, *, protocols: list[str] | None = None
                             "selected": len(records), "predictions_none": sum(p is None for p in preds)}},
         "model": backend.describe(),
         "generation": {**gen, "decoding": "greedy" if gen["temperature"] == 0 else "sampling",
+                       **({"decoding": "self-consistency", "self_consistency": backend.settings}
+                          if getattr(backend, "decoding", None) == "self-consistency" else {}),
                        "batch_size": getattr(backend, "batch_size", None),
                        "extract_answer_tag": tag},
         "provenance": _provenance(seed),
