@@ -28,7 +28,8 @@ def setup(tmp_path_factory):
     build_preference(out, seed=0)
     pairs = read_records(out / "records" / "preference.jsonl")[0]
     small = out / "records" / "preference_dpo_test.jsonl"        # 4 pairs of every kind: fast steps
-    pick = [r for r in pairs if r["meta"]["modality"] in ("xray", "ehr", "ct")][:4]
+    pick = [r for r in pairs if r["meta"]["modality"] in ("xray", "ehr", "ct")
+            and not r["meta"]["extra"]["pair_kind"].startswith("existence")][:4]
     assert {r["meta"]["extra"]["pair_kind"] for r in pick} == {"hallucination", "omission", "statement"}
     write_records(small, pick)
     start = tmp_path_factory.mktemp("start") / "model"            # starting model + build_tokenizer tokenizer

@@ -1,6 +1,7 @@
 """Preference pairs from a MedPhantom build: true answers vs hallucinated findings, checked against the truth."""
 
 import json
+from collections import Counter
 
 import pytest
 
@@ -62,7 +63,7 @@ def test_yes_no_pairs_follow_the_ground_truth(build):
     kinds = {"hallucination": 0, "omission": 0}
     for r in recs:
         x = r["meta"]["extra"]
-        if x["pair_kind"] == "statement":
+        if x["pair_kind"] not in ("hallucination", "omission"):
             continue
         present = _present(cases[x["case_id"]], x["finding"])
         chosen, rejected = r["chosen"][0]["content"][0]["text"], r["rejected"][0]["content"][0]["text"]
@@ -74,6 +75,45 @@ def test_yes_no_pairs_follow_the_ground_truth(build):
         kinds[x["pair_kind"]] += 1
     assert kinds["hallucination"] > 0 and kinds["omission"] > 0
     assert summary["by_kind"]["hallucination"] == kinds["hallucination"]
+
+
+def _exists(case, key):
+    """Existence-question truth read directly from cases.jsonl: ``<finding>_<side>``, ``lesion_<organ>``,
+    ``cardiomegaly``; any other key is a finding MedPhantom never draws (absent)."""
+    f, mod = case["truth"]["findings"], case["modality"]
+    if key == "cardiomegaly":
+        return f["cardiomegaly"]["present"]
+    name, _, where = key.partition("_")
+    if mod in ("xray", "ct") and name in f and where in ("left", "right"):
+        return f[name]["present"] and f[name]["side"] == where
+    if mod == "ct3d" and name == "lesion" and where:
+        organ, side = f["lesion"].get("organ"), f["lesion"].get("side")
+        names = {organ, f"{side} {organ}"} if side else {organ}
+        return f["lesion"]["present"] and where.replace("_", " ") in names
+    return False
+
+
+def test_existence_pairs_are_balanced_and_follow_the_ground_truth(build):
+    out, summary, cases = build
+    recs = [r for r in read_records(out / "records" / "preference.jsonl")[0]
+            if r["meta"]["extra"]["pair_kind"].startswith("existence")]
+    kinds = Counter(r["meta"]["extra"]["pair_kind"] for r in recs)
+    assert kinds["existence_present"] == kinds["existence_absent"] > 0
+    assert summary["by_kind"]["existence_absent"] == kinds["existence_absent"]
+    assert {r["meta"]["modality"] for r in recs} <= {"xray", "ct", "ct3d"}
+    for r in recs:
+        x = r["meta"]["extra"]
+        chosen, rejected = r["chosen"][0]["content"][0]["text"], r["rejected"][0]["content"][0]["text"]
+        truth = _exists(cases[x["case_id"]], x["finding"])
+        assert (chosen, rejected) == (("yes", "no") if truth else ("no", "yes")), r["id"]
+        assert truth == (x["pair_kind"] == "existence_present"), r["id"]
+        q = r["messages"][0]["content"][-1]["text"]
+        assert q.endswith("?") and ("Is there" in q or "show" in q or "see" in q)
+    # POPE's own objects are not trained on: no question names one of the trust suite's never-drawn findings
+    from medmllm.eval.trust import POPE_NEVER
+
+    pope_phrases = {p for per in POPE_NEVER.values() for p in per.values()}
+    assert not any(p in r["messages"][0]["content"][-1]["text"] for r in recs for p in pope_phrases)
 
 
 def test_statement_pairs_add_exactly_one_absent_finding(build):

@@ -14,6 +14,11 @@ Per case (when the case has the findings needed), with ``pair_kind`` in ``meta.e
 * ``omission`` — a yes/no question about a finding the case has: chosen ``yes``, rejected ``no``.
   Kept so that DPO cannot lower false positives by learning to always deny (POPE accuracy and
   F1 would drop); filter on ``meta.extra.pair_kind`` to leave them out.
+* ``existence_present`` / ``existence_absent`` (imaging cases with a finding) — an open-wording
+  existence question ("Is there a left-sided pleural effusion in the radiograph?", "Does this CT
+  volume show ascites?") about one present and one absent object: the case's findings with their
+  side / organ, the same finding elsewhere, or a finding MedPhantom never draws. Chosen the truth.
+  The objects and wordings differ from the trust suite's POPE probes on purpose.
 * ``statement`` — the case's true report (imaging) or one-sentence description (ECG, EHR):
   chosen the true text, rejected the text of the same case with one absent finding made present
   (drawn plausibly: a side, a size, a zone), i.e. a hallucinated finding.
@@ -86,6 +91,48 @@ def findings(case: dict) -> list[tuple[str, bool, str]]:
         return [("fever", fl["fever"], "Does the patient have a fever?"),
                 ("hypotension", fl["hypotension"], "Is the patient hypotensive?")]
     raise InputError("case.modality", f"expected one of xray, ct, ct3d, ecg, ehr, got {mod!r}")
+
+
+# Existence questions in open wording (POPE-like "is there <object> ..."), per imaging modality: the noun
+# of the study, question templates, and findings MedPhantom never draws (always absent). These lists are
+# deliberately different from the trust suite's POPE objects, so POPE measures transfer, not recall.
+_EXIST_NOUN = {"xray": "radiograph", "ct": "CT slice", "ct3d": "CT volume"}
+_EXIST_TEMPLATES = ("Is there {x} in the {noun}?", "Does this {noun} show {x}?", "Can you see {x} in this {noun}?")
+_EXIST_NEVER = {
+    "xray": ("a hiatal hernia", "a tracheostomy tube", "a nasogastric tube", "subcutaneous emphysema",
+             "a clavicle fracture", "a lobar collapse"),
+    "ct": ("ascites", "a kidney stone", "an aortic aneurysm", "a drainage catheter", "free intraperitoneal air"),
+    "ct3d": ("ascites", "a kidney stone", "an aortic aneurysm", "a drainage catheter", "free intraperitoneal air"),
+}
+
+
+def existence_objects(case: dict) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """``(present, absent)`` lists of ``(key, phrase)`` for existence questions about an imaging case:
+    its findings with their side / organ, the same findings elsewhere, and never-drawn findings."""
+    from medmllm.data.phantoms.questions import lesion_organ, volume_organs
+
+    mod = case["modality"]
+    if mod not in _EXIST_NOUN:
+        return [], []
+    f = case["truth"]["findings"]
+    present, absent = [], []
+    if mod == "xray":
+        for name, word in (("nodule", "lung nodule"), ("effusion", "pleural effusion")):
+            for side in ("left", "right"):
+                item = (f"{name}_{side}", f"a {side}-sided {word}")
+                (present if f[name]["present"] and f[name].get("side") == side else absent).append(item)
+        (present if f["cardiomegaly"]["present"] else absent).append(("cardiomegaly", "an enlarged heart"))
+    elif mod == "ct":
+        for side in ("left", "right"):
+            item = (f"lesion_{side}", f"a focal lesion on the {side} side")
+            (present if f["lesion"]["present"] and f["lesion"].get("side") == side else absent).append(item)
+    elif mod == "ct3d":
+        organ = lesion_organ(f["lesion"]) if f["lesion"]["present"] else None
+        for o in volume_organs():
+            item = (f"lesion_{o.replace(' ', '_')}", f"a lesion in the {o}")
+            (present if o == organ else absent).append(item)
+    absent += [(x.replace(" ", "_"), x) for x in _EXIST_NEVER[mod]]
+    return present, absent
 
 
 def _pick(rng: np.random.Generator, items: tuple | list):
@@ -199,6 +246,13 @@ def case_pairs(case: dict, rng: np.random.Generator) -> list[dict]:
         prompt = _REPORT_PROMPTS.get(case["modality"], _DESCRIBE)
         out.append(_pair(case, "statement", name, prompt, statement(case), statement(fake),
                          "report" if imaging else "caption", "report" if imaging else "caption"))
+    yes, no = existence_objects(case)
+    if yes and no:  # one present and one absent object: balanced, so "always no" cannot win
+        noun = _EXIST_NOUN[case["modality"]]
+        for (key, phrase), chosen, rejected, kind in ((_pick(rng, yes), "yes", "no", "existence_present"),
+                                                      (_pick(rng, no), "no", "yes", "existence_absent")):
+            q = _pick(rng, _EXIST_TEMPLATES).format(x=phrase, noun=noun)
+            out.append(_pair(case, kind, key, q, chosen, rejected, "vqa", "closed"))
     return out
 
 
@@ -215,5 +269,5 @@ def build_preference(build_dir: str | os.PathLike, seed: int = 0) -> dict:
             "by_modality": dict(sorted(Counter(r["meta"]["modality"] for r in records).items()))}
 
 
-__all__ = ["PREFERENCE_FILE", "build_preference", "case_pairs", "findings", "hallucinated_case", "read_cases",
+__all__ = ["PREFERENCE_FILE", "build_preference", "case_pairs", "existence_objects", "findings", "hallucinated_case", "read_cases",
            "statement"]
