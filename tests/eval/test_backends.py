@@ -323,8 +323,9 @@ def test_inprocess_noise_depends_on_the_batch_not_on_history(tiny_backend, tmp_p
     assert tail == full[2:]
     assert seeds == [batch_seed(5, "img0"), batch_seed(5, "img2"), batch_seed(5, "img2")]
     assert batch_seed(5, "img0") != batch_seed(6, "img0")
-    with pytest.raises(ConfigError, match="greedily"):
-        be.answer(recs, tmp_path, {"max_new_tokens": 3, "temperature": 0.7})
+    # sampling (temperature > 0) is seeded the same way: per batch, from the seed and its first id
+    hot = {"max_new_tokens": 3, "temperature": 0.7}
+    assert be.answer(recs[2:], tmp_path, hot, seed=5) == be.answer(recs, tmp_path, hot, seed=5)[2:]
 
 
 def test_inprocess_loads_a_saved_model_and_names_its_revision(tmp_path):
