@@ -29,7 +29,7 @@ def setup(tmp_path_factory):
     pairs = read_records(out / "records" / "preference.jsonl")[0]
     small = out / "records" / "preference_dpo_test.jsonl"        # 4 pairs of every kind: fast steps
     pick = [r for r in pairs if r["meta"]["modality"] in ("xray", "ehr", "ct")
-            and not r["meta"]["extra"]["pair_kind"].startswith("existence")][:4]
+            and r["meta"]["extra"]["pair_kind"] in ("hallucination", "omission", "statement")][:4]
     assert {r["meta"]["extra"]["pair_kind"] for r in pick} == {"hallucination", "omission", "statement"}
     write_records(small, pick)
     start = tmp_path_factory.mktemp("start") / "model"            # starting model + build_tokenizer tokenizer
@@ -174,3 +174,23 @@ def test_dpo_config_and_data_errors(setup, tmp_path):
     with pytest.raises(ConfigError, match="preference"):
         D.run(_cfg(setup, tmp_path / "y", data={"train": [str(train)]}), progress=False)
     assert not (tmp_path / "y").exists()
+
+
+def test_rpo_term_adds_the_chosen_answers_per_token_nll(monkeypatch):
+    # 2 pairs: chosen rows 0-1, rejected rows 2-3; chosen answers have 2 and 1 label tokens after position 0
+    labels = torch.tensor([[-100, 5, 6, -100], [-100, -100, 7, -100], [-100, 8, -100, -100], [-100, 9, 9, -100]])
+    chosen, rejected = torch.tensor([-1.0, -2.0]), torch.tensor([-3.0, -1.5])
+    ref = torch.tensor([[-1.5, -2.5], [-2.0, -2.0]])
+    monkeypatch.setattr(D, "pair_logps", lambda model, batch: (chosen, rejected))
+    batch = {"input_ids": torch.zeros(4, 4, dtype=torch.long), "labels": labels, "ref_logps": ref}
+    beta, alpha = 0.5, 0.7
+    plain = D.make_loss_fn(beta)(None, batch)
+    rpo = D.make_loss_fn(beta, alpha)(None, batch)
+    dpo = sum(-math.log(1 / (1 + math.exp(-beta * ((c - rc) - (r - rr)))))
+              for c, r, rc, rr in [(-1.0, -3.0, -1.5, -2.5), (-2.0, -1.5, -2.0, -2.0)]) / 2
+    nll = (1.0 + 2.0) / 3                                     # -(sum of chosen log-probs) / 3 chosen tokens
+    assert plain["loss"].item() == pytest.approx(dpo, rel=1e-6)
+    assert rpo["loss"].item() == pytest.approx(dpo + alpha * nll, rel=1e-6)
+    assert rpo["nll"].item() == pytest.approx(nll)
+    with pytest.raises(ConfigError, match="dpo.rpo_alpha"):
+        D.DPOSettings(rpo_alpha=-1)

@@ -16,7 +16,7 @@ Config (YAML + ``key=value`` overrides, see :class:`DPOConfig`)::
     run_dir: runs/dpo
     model: {path: runs/quickstart/instruct/model}
     data: {train: [data/medphantom/records/preference.jsonl], max_length: 256}
-    dpo: {beta: 0.1}
+    dpo: {beta: 0.1, rpo_alpha: 0.0}   # rpo_alpha > 0 adds the chosen answers' NLL (RPO)
     optim: {lr: 5.0e-5, projector_lr: 5.0e-5}
     train: {max_steps: 200, batch_size: 8}
 
@@ -52,10 +52,13 @@ _FORWARD_KEYS = ("input_ids", "attention_mask", "modality_inputs", "modality_bat
 class DPOSettings:
     beta: float = 0.1                 # strength of the implicit KL to the reference
     reference_batch_size: int = 8     # pairs per forward pass when precomputing reference log-probs
+    rpo_alpha: float = 0.0            # weight of the chosen answers' per-token NLL (RPO; TRL's rpo_alpha)
 
     def __post_init__(self) -> None:
         if isinstance(self.beta, bool) or not (isinstance(self.beta, (int, float)) and self.beta > 0):
             raise ConfigError(f"dpo.beta: expected a number > 0, got {self.beta!r}")
+        if isinstance(self.rpo_alpha, bool) or not (isinstance(self.rpo_alpha, (int, float)) and self.rpo_alpha >= 0):
+            raise ConfigError(f"dpo.rpo_alpha: expected a number >= 0, got {self.rpo_alpha!r}")
         if not isinstance(self.reference_batch_size, int) or self.reference_batch_size < 1:
             raise ConfigError(f"dpo.reference_batch_size: expected an int >= 1, got {self.reference_batch_size!r}")
 
@@ -236,20 +239,31 @@ def load_or_compute_reference(path: Path, key: str, ids: list[str], compute) -> 
 
 # ----------------------------------------------------------------------------- loss
 
-def make_loss_fn(beta: float):
-    """``loss_fn(model, batch)`` of the engine: DPO loss + implicit reward statistics."""
+def chosen_nll(chosen_logps: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-token NLL of the chosen answers: ``-sum(chosen log-probs) / number of chosen answer tokens``.
+    ``labels [2B, L]`` are the pair batch's (chosen rows first); a label counts from position 1 on."""
+    b = chosen_logps.shape[0]
+    n_tokens = (labels[:b, 1:] != -100).sum().clamp_min(1)
+    return -chosen_logps.sum() / n_tokens
+
+
+def make_loss_fn(beta: float, rpo_alpha: float = 0.0):
+    """``loss_fn(model, batch)`` of the engine: DPO loss (+ ``rpo_alpha`` x the chosen answers' per-token
+    NLL, RPO) and implicit reward statistics."""
 
     def loss_fn(model, batch: dict) -> dict:
         if batch["input_ids"].shape[0] == 0:  # every pair of this micro-batch was left out
             zero = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
             return {"loss": zero, "reward_accuracy": zero.detach(), "reward_margin": zero.detach(),
-                    "chosen_reward": zero.detach(), "rejected_reward": zero.detach()}
+                    "chosen_reward": zero.detach(), "rejected_reward": zero.detach(), "nll": zero.detach()}
         chosen, rejected = pair_logps(model, batch)                                    # [B], [B]
         ref = batch["ref_logps"]                                                       # [B, 2]
         out = dpo_loss(chosen, rejected, ref[:, 0], ref[:, 1], beta)
         cr, rr = out["chosen_rewards"], out["rejected_rewards"]
-        return {"loss": out["loss"], "reward_accuracy": (cr > rr).float().mean(), "reward_margin": (cr - rr).mean(),
-                "chosen_reward": cr.mean(), "rejected_reward": rr.mean()}
+        nll = chosen_nll(chosen, batch["labels"])
+        loss = out["loss"] + rpo_alpha * nll if rpo_alpha > 0 else out["loss"]
+        return {"loss": loss, "reward_accuracy": (cr > rr).float().mean(), "reward_margin": (cr - rr).mean(),
+                "chosen_reward": cr.mean(), "rejected_reward": rr.mean(), "nll": nll.detach()}
 
     return loss_fn
 
@@ -335,7 +349,7 @@ def run(cfg: DPOConfig, progress: bool = True) -> dict:
     train_set = torch.utils.data.Subset(dataset, usable)           # items keep their index into `reference`
     t = cfg.train
     loader = make_loader_factory(train_set, sampler, PairCollator(collator, reference))
-    loop = TrainLoop(model, optimizer, scheduler, loader, make_loss_fn(cfg.dpo.beta), run_dir=run_dir,
+    loop = TrainLoop(model, optimizer, scheduler, loader, make_loss_fn(cfg.dpo.beta, cfg.dpo.rpo_alpha), run_dir=run_dir,
                      max_steps=t.max_steps, grad_accum=t.grad_accum, log_every=t.log_every,
                      ckpt_every=t.ckpt_every, keep_last=t.keep_last,
                      mixed_precision=t.mixed_precision, grad_clip=t.grad_clip, seed=t.seed,
@@ -360,5 +374,5 @@ def run(cfg: DPOConfig, progress: bool = True) -> dict:
             "run_dir": str(run_dir)}
 
 
-__all__ = ["DPOConfig", "DPOSettings", "PairCollator", "PairDataset", "compute_reference_logps",
+__all__ = ["DPOConfig", "DPOSettings", "PairCollator", "PairDataset", "chosen_nll", "compute_reference_logps",
            "load_or_compute_reference", "make_loss_fn", "pair_logps", "run", "side_record"]

@@ -155,3 +155,17 @@ def test_missing_build_is_a_clear_error(tmp_path):
 
     with pytest.raises(InputError, match="cases.jsonl"):
         build_preference(tmp_path, seed=0)
+
+
+def test_open_answer_pairs_reject_a_bare_yes_or_no(build):
+    out, summary, cases = build
+    recs = [r for r in read_records(out / "records" / "preference.jsonl")[0]
+            if r["meta"]["extra"]["pair_kind"] == "open_answer"]
+    gold = {r["id"]: r for r in read_records(out / "records" / "train.jsonl")[0]}
+    assert recs and summary["by_kind"]["open_answer"] == len(recs)
+    for r in recs:
+        src = gold[r["id"].removesuffix("-pref_open_answer")]          # the instruction record it came from
+        assert src["meta"]["answer_type"] == "open" and cases[src["meta"]["extra"]["case_id"]]["split"] == "train"
+        assert r["messages"] == src["messages"][:1] and r["chosen"] == src["messages"][1:2]
+        assert r["chosen"][0]["content"][0]["text"].lower() not in ("yes", "no")
+        assert r["rejected"][0]["content"][0]["text"] in ("yes", "no")

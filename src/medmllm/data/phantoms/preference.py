@@ -19,6 +19,9 @@ Per case (when the case has the findings needed), with ``pair_kind`` in ``meta.e
   volume show ascites?") about one present and one absent object: the case's findings with their
   side / organ, the same finding elsewhere, or a finding MedPhantom never draws. Chosen the truth.
   The objects and wordings differ from the trust suite's POPE probes on purpose.
+* ``open_answer`` (when ``records/train.jsonl`` exists) — one of the case's open questions ("Which
+  side is the nodule on?"): chosen the gold answer, rejected a bare ``yes`` or ``no``, so that
+  preference training on yes/no questions does not teach the model to answer everything yes/no.
 * ``statement`` — the case's true report (imaging) or one-sentence description (ECG, EHR):
   chosen the true text, rejected the text of the same case with one absent finding made present
   (drawn plausibly: a side, a size, a zone), i.e. a hallucinated finding.
@@ -256,12 +259,51 @@ def case_pairs(case: dict, rng: np.random.Generator) -> list[dict]:
     return out
 
 
+def open_answer_pair(case: dict, instruction: dict, rng: np.random.Generator) -> dict:
+    """An ``open_answer`` pair from one of the case's open instruction records: chosen its gold answer,
+    rejected a bare ``yes`` or ``no`` (a yes/no reply to a "which side / how large" question is wrong).
+    These keep preference training on yes/no questions from turning every answer into yes/no."""
+    rec = {
+        "id": f"{instruction['id']}-pref_open_answer",
+        "stage": "preference",
+        "messages": copy.deepcopy(instruction["messages"][:1]),
+        "chosen": copy.deepcopy(instruction["messages"][1:2]),
+        "rejected": [message("assistant", _pick(rng, ("yes", "no")))],
+        "meta": {**copy.deepcopy(instruction["meta"]),
+                 "extra": {**instruction["meta"].get("extra", {}), "pair_kind": "open_answer",
+                           "finding": instruction["meta"].get("extra", {}).get("template", "open")}},
+    }
+    return validate_record(rec)
+
+
+def _open_records(build_dir: Path) -> dict[str, list[dict]]:
+    """Open-answer VQA instruction records of train patients, by case id (from ``records/train.jsonl``)."""
+    from medmllm.data.records import read_records
+
+    path = build_dir / "records" / "train.jsonl"
+    if not path.is_file():
+        return {}
+    out: dict[str, list[dict]] = {}
+    for r in read_records(path)[0]:
+        m = r["meta"]
+        if (m.get("task") == "vqa" and m.get("answer_type") == "open" and len(r["messages"]) == 2
+                and m.get("answer", "").strip().lower() not in ("yes", "no")):
+            out.setdefault(m.get("extra", {}).get("case_id"), []).append(r)
+    return out
+
+
 def build_preference(build_dir: str | os.PathLike, seed: int = 0) -> dict:
     """Write ``build_dir/records/preference.jsonl`` from the build's train cases -> summary
     ``{"path" (relative to build_dir), "pairs", "cases", "by_kind", "by_modality"}`` (JSON-ready)."""
     build_dir = Path(build_dir)
     cases = [c for c in read_cases(build_dir) if c["split"] == "train"]
-    records = [r for c in cases for r in case_pairs(c, case_rng(seed, c, SEED_TAG))]
+    open_recs = _open_records(build_dir)
+    records = []
+    for c in cases:
+        rng = case_rng(seed, c, SEED_TAG)
+        records += case_pairs(c, rng)
+        if open_recs.get(c["case_id"]):
+            records.append(open_answer_pair(c, _pick(rng, open_recs[c["case_id"]]), rng))
     path = build_dir / "records" / PREFERENCE_FILE
     write_records(path, records)
     return {"path": f"records/{PREFERENCE_FILE}", "pairs": len(records), "cases": len(cases),
@@ -269,5 +311,5 @@ def build_preference(build_dir: str | os.PathLike, seed: int = 0) -> dict:
             "by_modality": dict(sorted(Counter(r["meta"]["modality"] for r in records).items()))}
 
 
-__all__ = ["PREFERENCE_FILE", "build_preference", "case_pairs", "existence_objects", "findings", "hallucinated_case", "read_cases",
+__all__ = ["PREFERENCE_FILE", "build_preference", "case_pairs", "existence_objects", "findings", "open_answer_pair", "hallucinated_case", "read_cases",
            "statement"]
