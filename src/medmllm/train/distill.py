@@ -249,10 +249,11 @@ def run(cfg: DistillConfig, progress: bool = True) -> dict:
     n_teacher, n_student = parameter_count(teacher), parameter_count(student)
     log.info("distill: teacher %d parameters, student %d (%.3f of the teacher)", n_teacher, n_student,
              n_student / n_teacher)
-    lr = {"projectors": cfg.optim.projector_lr}
-    groups = [{"params": [p for n, p in module.named_parameters() if n.startswith("model.projectors.") == (g == "p")],
-               "lr": lr["projectors"] if g == "p" else cfg.optim.lr} for g in ("p", "rest")]
-    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.optim.weight_decay)
+    named = list(module.named_parameters())
+    projectors = [p for n, p in named if n.startswith("model.projectors.")]
+    rest = [p for n, p in named if not n.startswith("model.projectors.")]       # encoders, LLM, adapters
+    optimizer = torch.optim.AdamW([{"params": projectors, "lr": cfg.optim.projector_lr},
+                                   {"params": rest, "lr": cfg.optim.lr}], weight_decay=cfg.optim.weight_decay)
     scheduler = make_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
     dataset = _MultiBaseDataset(records, bases, PartLoader(shapes, cache_items=20000))
     collate = skip_bad_items(MultimodalCollator(tokenizer, max_length=cfg.data.max_length,
