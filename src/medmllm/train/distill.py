@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from medmllm.errors import ConfigError
+from medmllm.train.engine import zero_loss
 from medmllm.train.sft import DataConfig, OptimConfig, SFTTrain
 
 log = logging.getLogger(__name__)
@@ -186,7 +187,7 @@ def make_loss_fn(teacher, settings: DistillSettings):
     def loss_fn(module: Student, batch: dict) -> dict:
         student = module.model
         if batch["input_ids"].shape[0] == 0:  # every sample of this micro-batch was dropped
-            zero = sum((p.sum() * 0.0 for p in module.parameters() if p.requires_grad), torch.zeros(()))
+            zero = zero_loss(module)
             return {"loss": zero, **{k: zero.detach() for k in ("ce", "kl", "feature", "hidden")}}
         inputs = {k: batch[k] for k in _FORWARD_KEYS if k in batch}
         labels = batch["labels"]                                                         # [B, L]
@@ -226,12 +227,9 @@ def parameter_count(model) -> int:
 def run(cfg: DistillConfig, progress: bool = True) -> dict:
     """Train the student; it ends up (with the teacher's tokenizer) in ``run_dir/model``. Returns a summary
     with both parameter counts."""
-    from medmllm.data.collate import MultimodalCollator
-    from medmllm.data.dataset import PartLoader, skip_bad_items
-    from medmllm.train.engine import LengthGroupedBatchSampler, TrainLoop, make_accelerator, make_loader_factory
-    from medmllm.train.engine import seed_everything
-    from medmllm.train.sft import (ModelConfig, _MultiBaseDataset, data_shapes, estimate_lengths, load_model,
-                                   load_records, make_scheduler, modality_shapes_of)
+    from medmllm.train.engine import TrainLoop, make_accelerator, seed_everything
+    from medmllm.train.sft import (ModelConfig, data_shapes, instruction_loader, load_model, load_records,
+                                   make_scheduler, modality_shapes_of, warn_skipped)
 
     # setup ------------------------------------------------------------------
     run_dir = Path(cfg.run_dir)
@@ -255,16 +253,11 @@ def run(cfg: DistillConfig, progress: bool = True) -> dict:
     optimizer = torch.optim.AdamW([{"params": projectors, "lr": cfg.optim.projector_lr},
                                    {"params": rest, "lr": cfg.optim.lr}], weight_decay=cfg.optim.weight_decay)
     scheduler = make_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
-    dataset = _MultiBaseDataset(records, bases, PartLoader(shapes, cache_items=20000))
-    collate = skip_bad_items(MultimodalCollator(tokenizer, max_length=cfg.data.max_length,
-                                                num_tokens_fn=teacher.num_tokens, truncation=cfg.data.truncation))
     t = cfg.train
     acc = make_accelerator(t.mixed_precision, t.grad_accum)
     teacher.to(acc.device)
-    sampler = LengthGroupedBatchSampler(estimate_lengths(records, teacher, tokenizer, shapes), t.batch_size,
-                                        seed=t.seed, num_replicas=acc.num_processes, rank=acc.process_index)
-    loop = TrainLoop(module, optimizer, scheduler, make_loader_factory(dataset, sampler, collate),
-                     make_loss_fn(teacher, cfg.distill), run_dir=run_dir, max_steps=t.max_steps,
+    dataset, loader = instruction_loader(records, bases, cfg.data, t, teacher, tokenizer, shapes, acc)
+    loop = TrainLoop(module, optimizer, scheduler, loader, make_loss_fn(teacher, cfg.distill), run_dir=run_dir, max_steps=t.max_steps,
                      grad_accum=t.grad_accum, log_every=t.log_every, ckpt_every=t.ckpt_every, keep_last=t.keep_last,
                      mixed_precision=t.mixed_precision, grad_clip=t.grad_clip, seed=t.seed,
                      gradient_checkpointing=False, tensorboard=t.tensorboard, accelerator=acc, config=cfg,
@@ -280,9 +273,7 @@ def run(cfg: DistillConfig, progress: bool = True) -> dict:
         tokenizer.save_pretrained(out)
     acc.wait_for_everyone()
     # cleanup ----------------------------------------------------------------
-    skipped = sum(len(p.errors) for p in dataset.parts.values())
-    if skipped:
-        log.warning("%d record(s) skipped for unreadable files", skipped)
+    warn_skipped(dataset)
     loss = result["loss"]
     return {"stage": "distill", "steps": result["step"], "loss": None if loss is None or math.isnan(loss) else loss,
             "model": str(out), "records": len(records), "teacher_parameters": n_teacher,

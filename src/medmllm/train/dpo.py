@@ -38,6 +38,7 @@ from typing import Literal
 import torch
 
 from medmllm.errors import ConfigError, InputError
+from medmllm.train.engine import zero_loss
 from medmllm.train.rl_losses import dpo_loss, sequence_logprobs
 from medmllm.train.sft import DataConfig, LoraConfig, ModelConfig, OptimConfig, SFTTrain, save_final_model
 
@@ -253,7 +254,7 @@ def make_loss_fn(beta: float, rpo_alpha: float = 0.0):
 
     def loss_fn(model, batch: dict) -> dict:
         if batch["input_ids"].shape[0] == 0:  # every pair of this micro-batch was left out
-            zero = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
+            zero = zero_loss(model)
             return {"loss": zero, "reward_accuracy": zero.detach(), "reward_margin": zero.detach(),
                     "chosen_reward": zero.detach(), "rejected_reward": zero.detach(), "nll": zero.detach()}
         chosen, rejected = pair_logps(model, batch)                                    # [B], [B]

@@ -364,6 +364,12 @@ def make_loader_factory(dataset: Any, batch_sampler: ResumableBatchSampler, coll
 
 
 # ============================================================================= batches
+def zero_loss(model: torch.nn.Module) -> torch.Tensor:
+    """A loss of exactly 0 that reaches every trainable weight: the loss of a micro-batch whose samples
+    were all dropped, so the step is a no-op and multi-process gradient syncs stay in step."""
+    return sum((p.sum() * 0.0 for p in model.parameters() if p.requires_grad), torch.zeros(()))
+
+
 def batch_size_of(batch: Any) -> int:
     """Samples in a batch: dim 0 of its first tensor (dicts/lists searched in order), else ``len``."""
     if isinstance(batch, torch.Tensor):

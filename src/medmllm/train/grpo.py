@@ -47,6 +47,7 @@ import torch
 from medmllm.data.phantoms.reasoning import COT_INSTRUCTION
 from medmllm.errors import ConfigError, InputError
 from medmllm.model.generate import eos_ids
+from medmllm.train.engine import zero_loss
 from medmllm.train.rl_losses import IGNORE_INDEX, group_advantages, grpo_loss, token_logprobs
 from medmllm.train.sft import DataConfig, LoraConfig, ModelConfig, OptimConfig, SFTTrain, save_final_model
 
@@ -438,7 +439,7 @@ def make_loss_fn(s: GRPOSettings, reward_names: list[str]):
     def loss_fn(model, batch: dict) -> dict:
         stats = batch["stats"]
         if batch["input_ids"].shape[0] == 0:
-            zero = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
+            zero = zero_loss(model)
             out = {"loss": zero, "kl": zero.detach(), "clip_fraction": zero.detach()}
         else:
             logp = _forward_logps(model, batch)                                        # [N, L]

@@ -188,6 +188,29 @@ def modality_shapes_of(shapes) -> dict[str, tuple[int, ...]]:
             "ehr": (len(shapes.ehr_features), 2)}
 
 
+def instruction_loader(records: list[dict], bases: list[Path], data: DataConfig, train: SFTTrain, model, tokenizer,
+                       shapes, acc):
+    """``(dataset, loader_factory)`` of instruction records for the engine: files read at ``shapes``,
+    unreadable items and samples over ``data.max_length`` left out, length-grouped resumable batches of
+    ``train.batch_size`` per process. Token counts per input come from ``model``."""
+    from medmllm.data.collate import MultimodalCollator
+    from medmllm.data.dataset import PartLoader, skip_bad_items
+    from medmllm.train.engine import LengthGroupedBatchSampler, make_loader_factory
+
+    dataset = _MultiBaseDataset(records, bases, PartLoader(shapes, cache_items=20000))
+    collate = skip_bad_items(MultimodalCollator(tokenizer, max_length=data.max_length, num_tokens_fn=model.num_tokens,
+                                                truncation=data.truncation))
+    sampler = LengthGroupedBatchSampler(estimate_lengths(records, model, tokenizer, shapes), train.batch_size,
+                                        seed=train.seed, num_replicas=acc.num_processes, rank=acc.process_index)
+    return dataset, make_loader_factory(dataset, sampler, collate)
+
+
+def warn_skipped(dataset: "_MultiBaseDataset") -> None:
+    skipped = sum(len(p.errors) for p in dataset.parts.values())
+    if skipped:
+        log.warning("%d record(s) skipped for unreadable files", skipped)
+
+
 def estimate_lengths(records: list[dict], model, tokenizer, shapes) -> list[int]:
     """Token length of each record without loading its files: text tokens + modality tokens."""
     from medmllm.data.collate import flatten_messages
@@ -223,7 +246,9 @@ def lm_loss(model, batch) -> torch.Tensor:
         dropped = batch.get("dropped") or []
         log.warning("empty batch: all %d samples dropped (first: %s)", len(dropped),
                     dropped[0] if dropped else "-")
-        return sum((p.sum() * 0.0 for p in model.parameters() if p.requires_grad), torch.zeros(()))
+        from medmllm.train.engine import zero_loss
+
+        return zero_loss(model)
     keys = ("input_ids", "attention_mask", "labels", "modality_inputs", "modality_batch_index")
     return model(**{k: batch[k] for k in keys if k in batch}).loss
 
@@ -260,10 +285,7 @@ def save_final_model(acc, loop, tokenizer, run_dir: Path, *, lora: bool) -> Path
 
 def run(cfg: SFTConfig, progress: bool = True) -> dict:
     """Train one stage; the model and tokenizer end up in ``run_dir/model``. Returns a summary."""
-    from medmllm.data.collate import MultimodalCollator
-    from medmllm.data.dataset import PartLoader, skip_bad_items
-    from medmllm.train.engine import LengthGroupedBatchSampler, TrainLoop, make_accelerator, make_loader_factory
-    from medmllm.train.engine import seed_everything
+    from medmllm.train.engine import TrainLoop, make_accelerator, seed_everything
 
     # setup ------------------------------------------------------------------
     run_dir = Path(cfg.run_dir)
@@ -282,14 +304,10 @@ def run(cfg: SFTConfig, progress: bool = True) -> dict:
                                   weight_decay=cfg.optim.weight_decay)
     scheduler = make_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
     shapes = data_shapes(model, cfg.data)
-    dataset = _MultiBaseDataset(records, bases, PartLoader(shapes, cache_items=20000))
-    collate = skip_bad_items(MultimodalCollator(tokenizer, max_length=cfg.data.max_length,
-                                                num_tokens_fn=model.num_tokens, truncation=cfg.data.truncation))
     acc = make_accelerator(cfg.train.mixed_precision, cfg.train.grad_accum)
-    sampler = LengthGroupedBatchSampler(estimate_lengths(records, model, tokenizer, shapes), cfg.train.batch_size,
-                                        seed=cfg.train.seed, num_replicas=acc.num_processes, rank=acc.process_index)
+    dataset, loader = instruction_loader(records, bases, cfg.data, cfg.train, model, tokenizer, shapes, acc)
     t = cfg.train
-    loop = TrainLoop(model, optimizer, scheduler, make_loader_factory(dataset, sampler, collate), lm_loss,
+    loop = TrainLoop(model, optimizer, scheduler, loader, lm_loss,
                      run_dir=run_dir, max_steps=t.max_steps, grad_accum=t.grad_accum, log_every=t.log_every,
                      ckpt_every=t.ckpt_every, keep_last=t.keep_last, mixed_precision=t.mixed_precision,
                      grad_clip=t.grad_clip, seed=t.seed, gradient_checkpointing=t.gradient_checkpointing,
@@ -303,9 +321,6 @@ def run(cfg: SFTConfig, progress: bool = True) -> dict:
     # save -------------------------------------------------------------------
     out = save_final_model(acc, loop, tokenizer, run_dir, lora=cfg.lora.enabled)
     # cleanup ----------------------------------------------------------------
-    if dataset.parts:
-        skipped = sum(len(p.errors) for p in dataset.parts.values())
-        if skipped:
-            log.warning("%d record(s) skipped for unreadable files", skipped)
+    warn_skipped(dataset)
     return {"stage": cfg.stage, "steps": result["step"], "loss": result["loss"], "model": str(out),
             "records": len(records), "run_dir": str(run_dir)}
