@@ -102,3 +102,45 @@ def test_batch_with_every_sample_dropped_is_a_no_op_step(build, tmp_path):
     after = MedMLLM.from_pretrained(res["model"])
     w0, w1 = _weights(before), _weights(after)
     assert all(torch.equal(w0[k], w1[k]) for k in w0)  # every sample is longer than 8 tokens: nothing trains
+
+
+def test_sample_average_loss_matches_a_hand_computation():
+    import math
+
+    from medmllm.train.sft import lm_loss
+
+    class Fixed(torch.nn.Module):          # logits fixed per position; the loss only reads them
+        def __init__(self, logits):
+            super().__init__()
+            self.logits = logits
+
+        def forward(self, input_ids, labels=None, **kw):
+            from types import SimpleNamespace
+
+            loss = None
+            if labels is not None:
+                loss = torch.nn.functional.cross_entropy(self.logits[:, :-1].transpose(1, 2), labels[:, 1:],
+                                                         ignore_index=-100)
+            return SimpleNamespace(logits=self.logits, loss=loss)
+
+    logits = torch.log(torch.tensor([[[0.5, 0.5], [0.8, 0.2], [0.1, 0.9], [0.5, 0.5]],
+                                     [[0.5, 0.5], [0.5, 0.5], [0.25, 0.75], [0.5, 0.5]]]))   # [B=2, L=4, V=2]
+    labels = torch.tensor([[-100, 0, 1, 1], [-100, -100, -100, 1]])   # sample 0: 3 tokens, sample 1: 1 token
+    batch = {"input_ids": torch.zeros(2, 4, dtype=torch.long), "labels": labels}
+    # targets at positions 1..3 are predicted by logits 0..2
+    nll0 = [-math.log(0.5), -math.log(0.2), -math.log(0.9)]
+    nll1 = [-math.log(0.75)]
+    token = sum(nll0 + nll1) / 4
+    sample = (sum(nll0) / 3 + nll1[0]) / 2
+    model = Fixed(logits)
+    assert lm_loss(model, batch, average="token").item() == pytest.approx(token, rel=1e-6)
+    assert lm_loss(model, batch, average="sample").item() == pytest.approx(sample, rel=1e-6)
+
+
+def test_length_grouping_off_gives_shuffled_mixed_batches_and_bad_values_fail(build, tmp_path):
+    with pytest.raises(ConfigError, match="length_grouping"):
+        _cfg(build, tmp_path / "bad", data={"length_grouping": -1})
+    res = run(_cfg(build, tmp_path / "mixed", stage="instruction", data={"length_grouping": 0},
+                   train={"loss_average": "sample"}), progress=False)
+    assert (tmp_path / "mixed" / "model" / "config.json").exists() and res["steps"] == 3
+    assert res["loss"] == res["loss"] and res["loss"] > 0     # finite, positive (not NaN from empty samples)

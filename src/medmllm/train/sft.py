@@ -19,6 +19,7 @@ Config (YAML + ``key=value`` overrides, see :class:`SFTConfig`)::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import logging
 import math
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import torch
+from torch.nn import functional as F
 
 from medmllm.errors import ConfigError
 
@@ -50,6 +52,12 @@ class DataConfig:
     truncation: Literal["drop", "shorten_text"] = "drop"
     image_size: Optional[int] = None                          # None: what the model fixes, else 128
     image_channels: Optional[int] = None                      # None: the image encoder's in_channels
+    length_grouping: int = 0                                  # see instruction_loader; 0 = shuffled batches
+
+    def __post_init__(self) -> None:
+        if isinstance(self.length_grouping, bool) or not isinstance(self.length_grouping, int) \
+                or self.length_grouping < 0:
+            raise ConfigError(f"data.length_grouping: expected an integer >= 0, got {self.length_grouping!r}")
 
 
 @dataclasses.dataclass
@@ -83,6 +91,7 @@ class SFTTrain:
     seed: int = 0
     gradient_checkpointing: bool = False
     tensorboard: bool = True
+    loss_average: Literal["token", "sample"] = "token"   # see lm_loss
 
 
 @dataclasses.dataclass
@@ -192,16 +201,25 @@ def instruction_loader(records: list[dict], bases: list[Path], data: DataConfig,
                        shapes, acc):
     """``(dataset, loader_factory)`` of instruction records for the engine: files read at ``shapes``,
     unreadable items and samples over ``data.max_length`` left out, length-grouped resumable batches of
-    ``train.batch_size`` per process. Token counts per input come from ``model``."""
+    ``train.batch_size`` per process. Token counts per input come from ``model``.
+
+    ``data.length_grouping`` = k > 0: each batch comes from a shuffled pool of k batches sorted by
+    length (less padding); 0: plain shuffled batches. Grouping makes batches homogeneous: a record's
+    length mostly follows its modality and question template, so with k = 50 a batch holds one or two
+    templates."""
     from medmllm.data.collate import MultimodalCollator
     from medmllm.data.dataset import PartLoader, skip_bad_items
-    from medmllm.train.engine import LengthGroupedBatchSampler, make_loader_factory
+    from medmllm.train.engine import LengthGroupedBatchSampler, RandomBatchSampler, make_loader_factory
 
     dataset = _MultiBaseDataset(records, bases, PartLoader(shapes, cache_items=20000))
     collate = skip_bad_items(MultimodalCollator(tokenizer, max_length=data.max_length, num_tokens_fn=model.num_tokens,
                                                 truncation=data.truncation))
-    sampler = LengthGroupedBatchSampler(estimate_lengths(records, model, tokenizer, shapes), train.batch_size,
-                                        seed=train.seed, num_replicas=acc.num_processes, rank=acc.process_index)
+    placement = dict(seed=train.seed, num_replicas=acc.num_processes, rank=acc.process_index)
+    if data.length_grouping > 0:
+        sampler = LengthGroupedBatchSampler(estimate_lengths(records, model, tokenizer, shapes), train.batch_size,
+                                            mega_batch_mult=data.length_grouping, **placement)
+    else:
+        sampler = RandomBatchSampler(len(records), train.batch_size, **placement)
     return dataset, make_loader_factory(dataset, sampler, collate)
 
 
@@ -238,10 +256,13 @@ def make_scheduler(optimizer, optim: OptimConfig, max_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def lm_loss(model, batch) -> torch.Tensor:
-    """Mean next-token loss on assistant tokens. A batch whose samples were all dropped by the
-    collator (e.g. every one longer than ``data.max_length``) gives a zero loss that still reaches
-    every trainable weight, so the step is a no-op and multi-process gradient syncs stay in step."""
+def lm_loss(model, batch, average: str = "token") -> torch.Tensor:
+    """Next-token loss on assistant tokens: ``average="token"`` the mean over every assistant token of
+    the batch (the LLM's own loss), ``"sample"`` each sample's mean over its tokens, then the mean
+    over samples (a one-word answer weighs as much as a long one). A batch whose samples were all
+    dropped by the collator (e.g. every one longer than ``data.max_length``) gives a zero loss that
+    still reaches every trainable weight, so the step is a no-op and multi-process gradient syncs
+    stay in step."""
     if batch["input_ids"].shape[0] == 0:
         dropped = batch.get("dropped") or []
         log.warning("empty batch: all %d samples dropped (first: %s)", len(dropped),
@@ -250,7 +271,15 @@ def lm_loss(model, batch) -> torch.Tensor:
 
         return zero_loss(model)
     keys = ("input_ids", "attention_mask", "labels", "modality_inputs", "modality_batch_index")
-    return model(**{k: batch[k] for k in keys if k in batch}).loss
+    if average == "token":
+        return model(**{k: batch[k] for k in keys if k in batch}).loss
+    logits = model(**{k: batch[k] for k in keys if k in batch and k != "labels"}).logits   # [B, L, V]
+    labels = batch["labels"][:, 1:].to(logits.device)                                     # [B, L-1]
+    ce = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels, ignore_index=-100,
+                         reduction="none")                                                # [B, L-1]
+    n = (labels != -100).sum(dim=1)                                                       # [B]
+    keep = n > 0
+    return (ce.sum(dim=1)[keep] / n[keep]).mean()
 
 
 # ----------------------------------------------------------------------------- the recipe
@@ -307,7 +336,8 @@ def run(cfg: SFTConfig, progress: bool = True) -> dict:
     acc = make_accelerator(cfg.train.mixed_precision, cfg.train.grad_accum)
     dataset, loader = instruction_loader(records, bases, cfg.data, cfg.train, model, tokenizer, shapes, acc)
     t = cfg.train
-    loop = TrainLoop(model, optimizer, scheduler, loader, lm_loss,
+    loss_fn = functools.partial(lm_loss, average=cfg.train.loss_average)
+    loop = TrainLoop(model, optimizer, scheduler, loader, loss_fn,
                      run_dir=run_dir, max_steps=t.max_steps, grad_accum=t.grad_accum, log_every=t.log_every,
                      ckpt_every=t.ckpt_every, keep_last=t.keep_last, mixed_precision=t.mixed_precision,
                      grad_clip=t.grad_clip, seed=t.seed, gradient_checkpointing=t.gradient_checkpointing,
