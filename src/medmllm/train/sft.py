@@ -200,7 +200,7 @@ def modality_shapes_of(shapes) -> dict[str, tuple[int, ...]]:
 def instruction_loader(records: list[dict], bases: list[Path], data: DataConfig, train: SFTTrain, model, tokenizer,
                        shapes, acc):
     """``(dataset, loader_factory)`` of instruction records for the engine: files read at ``shapes``,
-    unreadable items and samples over ``data.max_length`` left out, length-grouped resumable batches of
+    unreadable items and samples over ``data.max_length`` left out, resumable batches of
     ``train.batch_size`` per process. Token counts per input come from ``model``.
 
     ``data.length_grouping`` = k > 0: each batch comes from a shuffled pool of k batches sorted by
