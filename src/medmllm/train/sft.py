@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import torch
-from torch.nn import functional as F
 
 from medmllm.errors import ConfigError
 
@@ -273,13 +272,13 @@ def lm_loss(model, batch, average: str = "token") -> torch.Tensor:
     keys = ("input_ids", "attention_mask", "labels", "modality_inputs", "modality_batch_index")
     if average == "token":
         return model(**{k: batch[k] for k in keys if k in batch}).loss
+    from medmllm.train.rl_losses import IGNORE_INDEX, sequence_logprobs
+
     logits = model(**{k: batch[k] for k in keys if k in batch and k != "labels"}).logits   # [B, L, V]
-    labels = batch["labels"][:, 1:].to(logits.device)                                     # [B, L-1]
-    ce = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels, ignore_index=-100,
-                         reduction="none")                                                # [B, L-1]
-    n = (labels != -100).sum(dim=1)                                                       # [B]
+    labels = batch["labels"].to(logits.device)                                            # [B, L]
+    n = (labels[:, 1:] != IGNORE_INDEX).sum(dim=1)                                        # [B] answer tokens
     keep = n > 0
-    return (ce.sum(dim=1)[keep] / n[keep]).mean()
+    return (-sequence_logprobs(logits, labels)[keep] / n[keep]).mean()
 
 
 # ----------------------------------------------------------------------------- the recipe
