@@ -1,5 +1,6 @@
-"""The live server through the official ``openai`` client: text, PNG and DICOM data URLs, streaming,
-API keys, the context check, /v1/models, /health, the error shape and the access log."""
+"""The live server through the official ``openai`` client: text, PNG and DICOM data URLs, a zipped DICOM
+series as a volume, streaming, API keys, the context check, /v1/models, /health, the error shape and the
+access log."""
 
 from __future__ import annotations
 
@@ -48,6 +49,70 @@ def test_png_and_dicom_data_urls_answer_as_the_engine_does_locally(server, engin
         assert res.usage.prompt_tokens == ref.prompt_tokens
         assert res.usage.completion_tokens == ref.completion_tokens
         assert res.usage.total_tokens == ref.prompt_tokens + ref.completion_tokens
+
+
+def _zip(members: dict[str, bytes]) -> bytes:
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def _volume_message(data: bytes, text: str = "Is there a focal lesion?") -> list[dict]:
+    import base64
+
+    return [{"role": "user", "content": [{"type": "input_file", "input_file": {
+        "kind": "volume", "data": base64.b64encode(data).decode(), "filename": "ct_series.zip"}},
+        {"type": "text", "text": text}]}]
+
+
+def test_dicom_series_zip_answers_as_the_engine_does_on_the_series_folder(server, engine, tmp_path):
+    import numpy as np
+
+    from medmllm.data.phantoms.writers import write_dicom_series
+    from medmllm.serve.engine import SamplingParams
+
+    vol = np.random.default_rng(2).normal(40, 60, (5, 16, 14)).round().astype(np.int16)
+    paths = write_dicom_series(tmp_path / "ct", vol, (2.0, 1.0, 1.0), patient_id="P0001", uid_seed="app-series")
+    data = _zip({f"ct/{p.name}": p.read_bytes() for p in paths})
+    res = _client(server).chat.completions.create(model="tiny-test", messages=_volume_message(data), max_tokens=6)
+    ref = engine.complete([{"role": "user", "content": [{"type": "volume", "path": str(tmp_path / "ct")},
+                                                        {"type": "text", "text": "Is there a focal lesion?"}]}],
+                          SamplingParams(max_tokens=6))
+    assert res.choices[0].message.content == ref.text
+    assert res.usage.prompt_tokens == ref.prompt_tokens and res.usage.completion_tokens == ref.completion_tokens
+
+
+def test_bad_dicom_series_zips_are_refused_naming_the_part(server, tmp_path):
+    import numpy as np
+
+    from medmllm.data.phantoms.writers import write_dicom_series
+
+    paths = write_dicom_series(tmp_path / "ct", np.zeros((3, 8, 8), np.int16), (1.0, 1.0, 1.0), patient_id="P",
+                               uid_seed="bad-series")
+    one = paths[0].read_bytes()
+    huge = bytearray(one)  # Rows and Columns (US, explicit VR LE) patched to 65535: 3 x 65535^2 voxels declared
+    for tag in (b"\x28\x00\x10\x00US\x02\x00", b"\x28\x00\x11\x00US\x02\x00"):
+        at = bytes(huge).index(tag) + len(tag)
+        huge[at: at + 2] = b"\xff\xff"
+    for members, status, code in (
+            ({"../evil.dcm": one}, 422, "invalid_archive"),
+            ({"0.dcm": one, "notes.txt": b"hello"}, 422, "invalid_archive"),
+            ({f"{k}.dcm": b"x" for k in range(1025)}, 422, "too_many_slices"),         # default limit: 1024
+            ({f"{k}.dcm": bytes(huge) for k in range(3)}, 422, "volume_too_large"),
+            ({"0.dcm": one, "1.dcm": b"\0" * 128 + b"DICM" + b"\xff" * 64}, 422, "invalid_dicom"),
+            ({"0.dcm": one, "1.dcm": b"\0" * (600 << 10)}, 413, "file_too_large")):     # server: 512 KiB files
+        with pytest.raises(openai.APIStatusError) as info:
+            _client(server).chat.completions.create(model="tiny-test", messages=_volume_message(_zip(members)),
+                                                    max_tokens=2)
+        err = info.value.body
+        assert info.value.status_code == status and err["code"] == code, (sorted(members)[:2], err)
+        assert err["param"] == "messages.0.content.0.input_file" and set(err) == {"message", "type", "param", "code"}
+        assert "pydicom" not in err["message"] and "Traceback" not in err["message"]
 
 
 def test_the_image_changes_the_prompt_length_by_its_feature_tokens(server, engine, xray_png, make_data_url):

@@ -6,7 +6,8 @@ Categories: bad JSON (truncated, invalid UTF-8, NaN, deep nesting), wrong types,
 oversize bodies (declared and chunked), pixel bombs (PNG 100000 x 100000 and more, JPEG, DICOM
 headers), wrong MIME types, mismatched magic numbers, too many images, huge max_tokens, out-of-range
 sampling values, wrong API keys, unknown routes and methods, remote URLs, hostile input_file parts
-(ZIP traversal / bomb, NIfTI header bomb, binary EHR), wrong Content-Type, bad conversations,
+(ZIP traversal / bomb, DICOM series ZIPs: traversal, too many slices, voxel bomb, corrupt slices; NIfTI
+header bomb, binary EHR), wrong Content-Type, bad conversations,
 corrupt pixel data behind valid headers, unsupported OpenAI features.
 """
 
@@ -309,6 +310,17 @@ def build_cases(xray_png: bytes, ct_dicom: bytes, tmp_path, max_context: int) ->
             ({"rec.hea": b"rec 1 250 99999999999\nrec.dat 16 200 16 0 0 0 0 I\n", "rec.dat": b"\x00" * 10}, 422),
             ({"rec.hea": b"garbage\x00\xff", "rec.dat": b"\x00"}, 422)):
         cases.append(_post(_file_body({"kind": "signal", "data": b64(_zip(members)), "filename": "ecg.zip"}),
+                           expected))
+    big_slice = _dicom(30000, 30000, 1, tmp_path, "big_slice")  # header only: 9e8 voxels declared per slice
+    for members, expected in (
+            ({"../evil.dcm": ct_dicom}, 422), ({"/abs.dcm": ct_dicom}, 422), ({"a/b/c.dcm": ct_dicom}, 422),
+            ({"x.dcm": ct_dicom, "x.txt": b"hello"}, 422), ({"x.dcm": ct_dicom, "y.exe": b"MZ"}, 422),
+            ({f"{i}.dcm": b"" for i in range(1100)}, 422),                    # over max_series_slices (1024)
+            ({"a.dcm": big_slice, "b.dcm": big_slice}, 422),                  # voxel bomb from the headers
+            ({"x.dcm": ct_dicom[:200]}, 422), ({"x.dcm": b"\x00" * 128 + b"DICM" + b"\xff" * 99}, 422),
+            ({"x.dcm": ct_dicom[:-500]}, 422),                                # truncated pixels: the reader refuses
+            ({"x.dcm": ct_dicom, "y.dcm": b"\x00" * (600 << 10)}, 413)):      # expands beyond 512 KiB
+        cases.append(_post(_file_body({"kind": "volume", "data": b64(_zip(members)), "filename": "ct.zip"}),
                            expected))
     for shape in ((2000, 2000, 2000), (10**4, 10**4, 10**4), (512, 512, 1024), (32767, 32767, 32767)):
         head = _nifti_header(shape)

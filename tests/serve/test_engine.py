@@ -1,6 +1,7 @@
 """The engine: answers equal medmllm.model.generate's on the same batch, dynamic batching (fewer
 generate calls than requests, each answer the same as alone), stop strings, max_tokens, seeded
-sampling, cancellation, the bounded queue, refusals."""
+sampling, cancellation, the bounded queue, refusals, a zipped DICOM series reaching the model as the same
+NIfTI volume does."""
 
 from __future__ import annotations
 
@@ -143,6 +144,65 @@ def test_ehr_notes_and_volume_reach_the_prompt(engine, files):
     vol = engine.prepare(_msg("Q?", _part("volume", files / "v.nii.gz")))
     kind, tensor = vol.example["modalities"][0]
     assert kind == "volume" and tuple(tensor.shape) == (1, *engine.shapes.volume_shape)
+
+
+def _series_zip(tmp_path, vol: np.ndarray, spacing, truncate: bool = False) -> bytes:
+    """``vol`` written by the phantom series writer and zipped in one folder (last slice cut short if asked)."""
+    import io
+    import zipfile
+
+    from medmllm.data.phantoms.writers import write_dicom_series
+
+    paths = write_dicom_series(tmp_path / "series", vol, spacing, patient_id="P0001", uid_seed="engine-series")
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for p in paths:
+            data = p.read_bytes()
+            zf.writestr(f"ct/{p.name}", data[:-50] if truncate and p == paths[-1] else data)
+    return buf.getvalue()
+
+
+def _series_request(data: bytes):
+    import base64
+
+    from medmllm.serve.schema import ChatRequest
+
+    return ChatRequest.model_validate({"messages": [{"role": "user", "content": [
+        {"type": "input_file", "input_file": {"kind": "volume", "filename": "ct.zip",
+                                              "data": base64.b64encode(data).decode()}},
+        {"type": "text", "text": "Q?"}]}]}).messages
+
+
+def test_dicom_series_zip_reaches_the_prompt_as_the_same_nifti_volume_does(engine, tmp_path):
+    from medmllm.data.phantoms.writers import write_nifti
+    from medmllm.serve.inputs import InputLimits, to_record_messages
+
+    vol = np.random.default_rng(5).normal(40, 60, (6, 20, 18)).round().astype(np.int16)
+    spacing = (2.0, 1.0, 1.0)
+    (tmp_path / "req").mkdir()
+    messages, params = to_record_messages(_series_request(_series_zip(tmp_path, vol, spacing)), tmp_path / "req",
+                                          InputLimits())
+    part = messages[0]["content"][0]
+    assert part["type"] == "volume" and (tmp_path / "req" / "m0").is_dir() and part["path"].endswith("m0")
+    kind, tensor = engine.prepare(messages, SamplingParams(), params).example["modalities"][0]
+    assert kind == "volume" and tuple(tensor.shape) == (1, *engine.shapes.volume_shape)
+    write_nifti(tmp_path / "v.nii.gz", vol, spacing)
+    _, ref = engine.prepare(_msg("Q?", _part("volume", tmp_path / "v.nii.gz"))).example["modalities"][0]
+    torch.testing.assert_close(tensor, ref)
+
+
+def test_dicom_series_with_truncated_pixel_data_is_refused_naming_the_part(engine, tmp_path):
+    from medmllm.serve.inputs import InputLimits, to_record_messages
+
+    vol = np.zeros((4, 16, 16), np.int16)
+    (tmp_path / "req").mkdir()
+    messages, params = to_record_messages(_series_request(_series_zip(tmp_path, vol, (1.0, 1.0, 1.0), True)),
+                                          tmp_path / "req", InputLimits())  # the headers are fine
+    with pytest.raises(ServeError) as info:
+        engine.prepare(messages, SamplingParams(), params)
+    err = info.value
+    assert (err.status, err.code, err.param) == (422, "unreadable_file", "messages.0.content.0.input_file")
+    assert "truncated" in err.detail and "truncated" not in err.message  # the reader's reason stays local
 
 
 def test_cancelled_stream_stops_decoding(engine, files):

@@ -1,6 +1,6 @@
 """inputs.py: strict data URLs, the MIME allowlist against the real bytes, decompression bombs refused
-from the header, input_file kinds (NIfTI, WFDB ZIP, CSV/JSON EHR), limits, remote URLs, and the
-OpenAI -> medmllm message mapping."""
+from the header, input_file kinds (NIfTI, DICOM series ZIP, WFDB ZIP, CSV/JSON EHR), limits, remote URLs,
+and the OpenAI -> medmllm message mapping."""
 
 from __future__ import annotations
 
@@ -224,6 +224,152 @@ def test_zip_bomb_is_refused_before_extracting(tmp_path):
     err = _code(write_media, mf, tmp_path, "m0", "f", LIM)
     assert err.status == 413 and err.code == "file_too_large"
     assert not (tmp_path / "m0").exists()
+
+
+# ----------------------------------------------------------------------------- DICOM series ZIP
+
+SERIES_SHAPE = (5, 12, 10)  # (D, H, W)
+
+
+def series_slices(tmp_path, uid_seed="serve-series") -> tuple[np.ndarray, list[bytes]]:
+    """A MedPhantom-style CT volume (HU) and the bytes of its slices from the project's series writer."""
+    from medmllm.data.phantoms.writers import write_dicom_series
+
+    vol = np.random.default_rng(3).normal(40, 80, SERIES_SHAPE).round().astype(np.int16)
+    paths = write_dicom_series(tmp_path / uid_seed, vol, (2.0, 0.8, 0.8), patient_id="P0001", uid_seed=uid_seed)
+    return vol, [p.read_bytes() for p in paths]
+
+
+def zip_of(members: dict[str, bytes], folders: tuple[str, ...] = (), method=zipfile.ZIP_DEFLATED) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", method) as zf:
+        for name in folders:
+            zf.writestr(zipfile.ZipInfo(name), b"")  # a folder entry ("ct/")
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def _series_refusal(tmp_path, data: bytes, limits: InputLimits = LIM) -> ServeError:
+    """The ServeError of extracting ``data`` as a volume; checks that nothing was written."""
+    from medmllm.serve.inputs import write_media
+
+    mf = check_file("volume", data, "series.zip", None, "f", limits)
+    assert (mf.kind, mf.fmt) == ("volume", "dicom_zip")
+    out = tmp_path / "req"
+    out.mkdir(exist_ok=True)
+    err = _code(write_media, mf, out, "m0", "f", limits)
+    assert err.param == "f" and err.status in (413, 422)
+    assert not (out / "m0").exists() and not (tmp_path / "evil.dcm").exists()
+    return err
+
+
+@pytest.mark.parametrize("layout", ["flat", "folder", "folder_entry", "no_suffix"])
+def test_dicom_series_zip_is_extracted_and_read_as_one_volume(tmp_path, layout):
+    from medmllm.data.readers import read
+    from medmllm.serve.inputs import write_media
+    from medmllm.serve.preview import preview
+
+    vol, slices = series_slices(tmp_path)
+    order = [3, 0, 4, 1, 2]  # the archive order does not matter: the reader sorts by position
+    names = {"flat": "{k}.dcm", "folder": "ct/IM{k:03d}.dcm", "folder_entry": "CT Chest/{k}.dcm",
+             "no_suffix": "ct/1.2.840.{k}"}[layout]  # no suffix: the DICM preamble makes it DICOM
+    folders = ("CT Chest/",) if layout == "folder_entry" else ()
+    data = zip_of({names.format(k=k): slices[k] for k in order}, folders)
+    mf = check_file("volume", data, "series.zip", "abdomen", "f", LIM)
+    assert (mf.kind, mf.fmt, mf.window) == ("volume", "dicom_zip", "abdomen")
+    out = tmp_path / "req"
+    out.mkdir()
+    folder = write_media(mf, out, "m0", "f", LIM)
+    assert folder == out / "m0" and sorted(p.name for p in folder.iterdir()) == [f"{k:05d}.dcm" for k in range(5)]
+    arr, meta = read(folder)
+    assert meta["format"] == "dicom_series" and meta["kind"] == "volume"
+    assert arr.shape == SERIES_SHAPE
+    np.testing.assert_array_equal(arr, vol)
+    png, headers = preview(data, "volume", filename="series.zip", limits=LIM)  # the web page's preview path
+    assert headers["X-Medmllm-Slices"] == str(SERIES_SHAPE[0]) and png.startswith(b"\x89PNG")
+
+
+def test_series_zip_with_too_many_slices_is_refused_before_extracting(tmp_path):
+    _, slices = series_slices(tmp_path)
+    data = zip_of({f"{k}.dcm": s for k, s in enumerate(slices)})
+    err = _series_refusal(tmp_path, data, InputLimits(max_series_slices=4))
+    assert err.status == 422 and err.code == "too_many_slices"
+    assert "expected 1 to 4 DICOM slices in the ZIP, found 5" in err.message
+    assert InputLimits().max_series_slices > InputLimits().max_zip_members  # series have many members
+    err = _series_refusal(tmp_path, zip_of({}, ("ct/",)))
+    assert err.code == "invalid_archive"
+
+
+def test_series_voxel_bomb_is_refused_from_the_slice_headers(tmp_path):
+    from medmllm.serve.inputs import write_media
+
+    _, slices = series_slices(tmp_path)
+    data = zip_of({f"{k}.dcm": s for k, s in enumerate(slices)})
+    n = 5 * 12 * 10
+    err = _series_refusal(tmp_path, data, InputLimits(max_volume_voxels=n - 1))
+    assert err.status == 422 and err.code == "volume_too_large"
+    assert f"declare {n} voxels (rows x columns summed over 5 slices), above the limit of {n - 1}" in err.message
+    out = tmp_path / "ok"
+    out.mkdir()
+    exact = InputLimits(max_volume_voxels=n)
+    assert write_media(check_file("volume", data, "s.zip", None, "f", exact), out, "m0", "f", exact).is_dir()
+    # headers declaring 40 x 4096 x 4096 with no pixel data at all: refused from the headers alone
+    huge = {f"{k}.dcm": dicom_declaring(tmp_path, 4096, 4096) for k in range(40)}
+    err = _series_refusal(tmp_path, zip_of(huge), InputLimits())
+    assert err.code == "volume_too_large" and "671088640 voxels" in err.message
+
+
+@pytest.mark.parametrize("case", ["traversal", "absolute", "two_levels", "two_folders", "text_member",
+                                  "backslash", "dot_folder", "two_series"])
+def test_bad_series_zip_layouts_and_members_are_refused(tmp_path, case):
+    _, slices = series_slices(tmp_path)
+    _, other = series_slices(tmp_path, uid_seed="another-series")
+    members = {"traversal": {"../evil.dcm": slices[0], "a.dcm": slices[1]},
+               "absolute": {"/evil.dcm": slices[0]},
+               "two_levels": {"a/b/x.dcm": slices[0]},
+               "two_folders": {"a/x.dcm": slices[0], "b/y.dcm": slices[1]},
+               "text_member": {"x.dcm": slices[0], "notes.txt": b"not a DICOM file"},
+               "backslash": {"..\\evil.dcm": slices[0]},
+               "dot_folder": {"./x.dcm": slices[0], "./y.dcm": slices[1]},
+               "two_series": {"x.dcm": slices[0], "y.dcm": other[1]}}[case]
+    err = _series_refusal(tmp_path, zip_of(members))
+    assert err.status == 422 and err.code == "invalid_archive"
+    if case == "text_member":
+        assert "'notes.txt' is not a DICOM file" in err.message
+
+
+def test_corrupt_series_members_are_refused(tmp_path):
+    _, slices = series_slices(tmp_path)
+    good = {f"{k}.dcm": s for k, s in enumerate(slices[:2])}
+    garbage = b"\0" * 128 + b"DICM" + bytes(range(256)) * 4  # the preamble, then no valid meta group
+    err = _series_refusal(tmp_path, zip_of({**good, "bad.dcm": garbage}))
+    assert err.code == "invalid_dicom"
+    err = _series_refusal(tmp_path, zip_of({**good, "bad.dcm": b"plain text, named .dcm"}))
+    assert err.code == "invalid_dicom"
+    no_image = dicom_declaring(tmp_path, 0, 0)
+    assert _series_refusal(tmp_path, zip_of({**good, "bad.dcm": no_image})).code == "invalid_dicom"
+    deflated = dicom_declaring(tmp_path, 8, 8, syntax="1.2.840.10008.1.2.1.99")
+    assert _series_refusal(tmp_path, zip_of({"x.dcm": deflated})).code == "unsupported_media_type"
+    # a stored member whose bytes were damaged after zipping: the CRC check fails while reading
+    data = bytearray(zip_of(good, method=zipfile.ZIP_STORED))
+    at = bytes(data).index(slices[0][300:340]) + 10
+    data[at] ^= 0xFF
+    err = _series_refusal(tmp_path, bytes(data))
+    assert err.code == "invalid_archive" and "could not be extracted" in err.message
+    assert _series_refusal(tmp_path, b"PK\x03\x04" + b"\0" * 100).code == "invalid_archive"
+
+
+def test_series_zip_bomb_is_refused_before_extracting(tmp_path):
+    _, slices = series_slices(tmp_path)
+    data = zip_of({"0.dcm": slices[0], "1.dcm": slices[1] + b"\0" * LIM.max_file_bytes})
+    err = _series_refusal(tmp_path, data)
+    assert err.status == 413 and err.code == "file_too_large"
+
+
+def test_volume_kind_names_both_formats_when_refused():
+    err = _code(check_file, "volume", real_png(), "x.png", None, "f", LIM)
+    assert err.code == "unsupported_media_type" and "ZIP of one DICOM series" in err.message
 
 
 def test_ehr_text_files_and_kind_checks():

@@ -23,6 +23,9 @@ kind      accepted content
 image     PNG, JPEG or DICOM (as ``image_url``)
 volume    NIfTI-1/2: ``.nii`` or ``.nii.gz`` (gzip magic or a NIfTI header); declared voxels
           checked from the header before loading
+volume    a ZIP of one DICOM series (slices flat or in one folder, ``.dcm`` or with the ``DICM``
+          preamble, at most ``max_series_slices``, sizes checked before extracting, Rows x
+          Columns summed over the slice headers checked before any pixel is decoded)
 signal    a ZIP holding one WFDB record (one ``.hea`` + its ``.dat`` files, flat, at most
           ``max_zip_members`` members, sizes checked before extracting); a signal CSV
           (``.csv``, see :func:`medmllm.data.readers.waveform.read_signal_csv`); a DICOM ECG
@@ -66,8 +69,9 @@ class InputLimits:
     ``max_media``: image_url + input_file parts in one request. ``max_file_bytes``: decoded bytes of
     one file (and the uncompressed total of a ZIP). ``max_image_pixels``: declared rows x columns
     (x frames) of one image. ``max_volume_voxels``, ``max_signal_samples`` (leads x samples): volume
-    and signal headers. The medmllm readers' own ceilings (:mod:`medmllm.data.readers.base`) apply
-    as well; the smaller wins.
+    and signal headers (for a DICOM series: summed over the slices). ``max_zip_members``: files in a
+    WFDB ZIP; ``max_series_slices``: files in a DICOM series ZIP. The medmllm readers' own ceilings
+    (:mod:`medmllm.data.readers.base`) apply as well; the smaller wins.
     """
 
     max_media: int = 8
@@ -76,6 +80,7 @@ class InputLimits:
     max_volume_voxels: int = 1 << 27
     max_signal_samples: int = 1 << 24
     max_zip_members: int = 8
+    max_series_slices: int = 1024
     allow_remote_urls: bool = False
     remote_timeout_s: float = 10.0
 
@@ -250,13 +255,16 @@ def _jpeg_shape(data: bytes, param: str) -> tuple[int, int]:
     return height, width
 
 
-def check_dicom_syntax(data: bytes, param: str) -> str:
-    """The transfer syntax from the DICOM file meta group; a deflated dataset is refused (see below)."""
+def check_dicom_syntax(data: bytes, param: str, force: bool = False) -> str:
+    """The transfer syntax from the DICOM file meta group; a deflated dataset is refused (see below).
+
+    ``force``: the file may lack the 128-byte preamble and ``DICM`` (then its syntax may be ``""``).
+    """
     from pydicom.filereader import _read_file_meta_info, read_preamble
 
     try:
         fp = io.BytesIO(data)
-        read_preamble(fp, False)
+        read_preamble(fp, force)
         syntax = str(_read_file_meta_info(fp).get("TransferSyntaxUID", ""))
     except Exception:  # noqa: BLE001 - client bytes
         raise invalid(f"{param}: the DICOM file meta header could not be parsed", "invalid_dicom", param) from None
@@ -320,6 +328,8 @@ def check_file(kind: str, data: bytes, filename: str | None, window: str | None,
         check_image_header(data, found, dparam, limits)
         return MediaFile("image", found, data, SUFFIX[found], window)
     if kind == "volume":
+        if found == "zip":  # a DICOM series: checked member by member when extracted (write_media)
+            return MediaFile("volume", "dicom_zip", data, "", window)
         return MediaFile("volume", "nifti", data, _volume_suffix(data, found, name, dparam, limits), window)
     if kind == "signal":
         return _signal_file(data, found, name, dparam, limits)
@@ -335,8 +345,8 @@ def _volume_suffix(data: bytes, found: str | None, name: str, param: str, limits
     elif found == "nifti":
         suffix = ".nii"
     else:
-        raise invalid(f"{param}: expected a NIfTI volume (.nii or .nii.gz), got {found or 'another format'}",
-                      "unsupported_media_type", param)
+        raise invalid(f"{param}: expected a NIfTI volume (.nii or .nii.gz) or a ZIP of one DICOM series, got "
+                      f"{found or 'another format'}", "unsupported_media_type", param)
     _check_count(_nifti_shape(data, suffix, param), limits.voxels(), "voxels", param, "volume_too_large")
     return suffix
 
@@ -395,9 +405,15 @@ def _check_text(data: bytes, param: str, what: str) -> None:
 # ============================================================================= writing
 
 def write_media(mf: MediaFile, folder: Path, stem: str, param: str, limits: InputLimits) -> Path:
-    """Write ``mf`` under ``folder`` as ``stem + suffix`` (a WFDB ZIP is extracted); the path to read."""
+    """Write ``mf`` under ``folder`` as ``stem + suffix``; the path to read.
+
+    A WFDB ZIP is extracted into the folder ``folder / stem`` (returns its ``.hea``), a DICOM series
+    ZIP likewise (returns the folder, which the ``dicom_series`` reader reads as one volume).
+    """
     if mf.fmt == "wfdb_zip":
         return _extract_wfdb(mf.data, folder / stem, param, limits)
+    if mf.fmt == "dicom_zip":
+        return _extract_dicom_series(mf.data, folder / stem, param, limits)
     path = folder / f"{stem}{mf.suffix}"
     path.write_bytes(mf.data)
     return path
@@ -414,11 +430,7 @@ def _extract_wfdb(data: bytes, target: Path, param: str, limits: InputLimits) ->
     and enforced while reading). The header's declared leads x samples is checked against
     ``max_signal_samples`` before the samples are read.
     """
-    try:
-        zf = zipfile.ZipFile(io.BytesIO(data))
-        infos = zf.infolist()
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError):
-        raise invalid(f"{param}: not a readable ZIP archive", "invalid_archive", param) from None
+    zf, infos = _open_zip(data, param)
     if not infos or len(infos) > limits.max_zip_members:
         raise invalid(f"{param}: expected 1 to {limits.max_zip_members} files in the ZIP, found {len(infos)}",
                       "invalid_archive", param)
@@ -428,25 +440,48 @@ def _extract_wfdb(data: bytes, target: Path, param: str, limits: InputLimits) ->
     if bad or len(heads) != 1 or len(set(names)) != len(names):
         raise invalid(f"{param}: expected one WFDB record (one .hea and its .dat files, no folders) in the ZIP",
                       "invalid_archive", param)
-    if sum(i.file_size for i in infos) > limits.max_file_bytes:
-        raise ServeError(413, f"{param}: the ZIP expands beyond the limit of {limits.max_file_bytes} bytes",
-                         "file_too_large", param)
+    _check_zip_size(infos, param, limits)
     target.mkdir(parents=True, exist_ok=False)
     budget = limits.max_file_bytes
     for info in infos:
-        try:
-            with zf.open(info) as src:
-                content = src.read(budget + 1)
-        except Exception:  # noqa: BLE001 - corrupt member, bad CRC, unsupported compression
-            raise invalid(f"{param}: a ZIP member could not be extracted", "invalid_archive", param) from None
+        content = _read_member(zf, info, budget, param, limits)
         budget -= len(content)
-        if budget < 0:
-            raise ServeError(413, f"{param}: the ZIP expands beyond the limit of {limits.max_file_bytes} bytes",
-                             "file_too_large", param)
         (target / info.filename).write_bytes(content)
     hea = target / heads[0]
     _check_wfdb_header(hea, param, limits)
     return hea
+
+
+def _open_zip(data: bytes, param: str) -> tuple[zipfile.ZipFile, list[zipfile.ZipInfo]]:
+    """The archive and its central directory entries; 422 when the bytes are no readable ZIP."""
+    try:
+        zf = zipfile.ZipFile(io.BytesIO(data))
+        return zf, zf.infolist()
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError):
+        raise invalid(f"{param}: not a readable ZIP archive", "invalid_archive", param) from None
+
+
+def _too_big(param: str, limits: InputLimits) -> ServeError:
+    return ServeError(413, f"{param}: the ZIP expands beyond the limit of {limits.max_file_bytes} bytes",
+                      "file_too_large", param)
+
+
+def _check_zip_size(infos: Sequence[zipfile.ZipInfo], param: str, limits: InputLimits) -> None:
+    """413 when the central directory declares more than ``max_file_bytes`` uncompressed."""
+    if sum(i.file_size for i in infos) > limits.max_file_bytes:
+        raise _too_big(param, limits)
+
+
+def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, budget: int, param: str, limits: InputLimits) -> bytes:
+    """One member's bytes, at most ``budget`` of them (413 beyond: the declared size may lie)."""
+    try:
+        with zf.open(info) as src:
+            content = src.read(budget + 1)
+    except Exception:  # noqa: BLE001 - corrupt member, bad CRC, encryption, unsupported compression
+        raise invalid(f"{param}: a ZIP member could not be extracted", "invalid_archive", param) from None
+    if len(content) > budget:
+        raise _too_big(param, limits)
+    return content
 
 
 def _check_wfdb_header(hea: Path, param: str, limits: InputLimits) -> None:
@@ -461,6 +496,98 @@ def _check_wfdb_header(hea: Path, param: str, limits: InputLimits) -> None:
     if n > limits.samples():
         raise invalid(f"{param}: the WFDB header declares {n} samples (leads x samples), above the limit of "
                       f"{limits.samples()}", "signal_too_large", param)
+
+
+_SERIES_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_. -]{0,99}", re.ASCII)  # one path component, no "." / ".."
+
+
+def _extract_dicom_series(data: bytes, target: Path, param: str, limits: InputLimits) -> Path:
+    """Check a ZIP of one DICOM series in memory, then write its slices into ``target``; returns ``target``.
+
+    Members (:func:`_series_members`): 1 to ``max_series_slices`` files, flat or all in one folder,
+    uncompressed total <= ``max_file_bytes`` (from the central directory, and enforced while reading).
+    Each must be DICOM (:func:`_slice_header`: the ``DICM`` preamble, or a ``.dcm`` name) with an image
+    header, all of one SeriesInstanceUID; Rows x Columns (x frames x samples) summed over the slices
+    must be <= ``max_volume_voxels``. No pixel data is decoded here; the slices are written as
+    ``00000.dcm``... (names medmllm chooses) only after every check passed.
+    """
+    zf, infos = _open_zip(data, param)
+    members = _series_members(infos, param, limits)
+    _check_zip_size(members, param, limits)
+    budget, contents = limits.max_file_bytes, []
+    for info in members:
+        contents.append(_read_member(zf, info, budget, param, limits))
+        budget -= len(contents[-1])
+    headers = [_slice_header(c, i.filename, param) for c, i in zip(contents, members)]
+    _check_series_headers(headers, param, limits)
+    target.mkdir(parents=True, exist_ok=False)
+    for k, content in enumerate(contents):
+        (target / f"{k:05d}.dcm").write_bytes(content)
+    return target
+
+
+def _series_members(infos: Sequence[zipfile.ZipInfo], param: str, limits: InputLimits) -> list[zipfile.ZipInfo]:
+    """The file members of a series ZIP; 422 unless 1 to ``max_series_slices`` files with plain names
+    (no ``..``, no absolute paths), all flat or all in one folder (its folder entry allowed)."""
+    files = [i for i in infos if not i.is_dir()]
+    if not files or len(files) > limits.max_series_slices:
+        raise invalid(f"{param}: expected 1 to {limits.max_series_slices} DICOM slices in the ZIP, found "
+                      f"{len(files)}", "too_many_slices" if files else "invalid_archive", param)
+    file_paths = [i.filename.split("/") for i in files]              # "d/a.dcm" -> ["d", "a.dcm"]
+    dir_paths = [i.filename[:-1].split("/") for i in infos if i.is_dir()]  # "d/" -> ["d"]
+    plain = (all(len(p) <= 2 and all(_SERIES_NAME.fullmatch(c) for c in p) for p in file_paths)
+             and all(len(p) == 1 and _SERIES_NAME.fullmatch(p[0]) for p in dir_paths))
+    folders = {tuple(p[:-1]) for p in file_paths} | {tuple(p) for p in dir_paths}
+    names = [i.filename for i in files]
+    if not plain or len(folders) != 1 or len(set(names)) != len(names):
+        raise invalid(f"{param}: expected the slices of one DICOM series in the ZIP, flat or in one folder "
+                      "(plain file names, no '..')", "invalid_archive", param)
+    return files
+
+
+def _slice_header(content: bytes, name: str, param: str) -> tuple[int, int, int, int, str]:
+    """(frames, rows, columns, samples, SeriesInstanceUID) of one member, parsed without the pixel data.
+
+    A member needs the ``DICM`` preamble or a ``.dcm`` name (then it is parsed with ``force``); a
+    deflated dataset, a header that does not parse and a dataset without Rows/Columns are refused.
+    """
+    import pydicom
+
+    short = name.rsplit("/", 1)[-1][-40:]
+    preamble = sniff(content) == "dicom"
+    if not preamble and not name.lower().endswith(".dcm"):
+        raise invalid(f"{param}: ZIP member {short!r} is not a DICOM file (no 'DICM' preamble, not named .dcm)",
+                      "invalid_archive", param)
+    check_dicom_syntax(content, param, force=not preamble)
+    try:
+        ds = pydicom.dcmread(io.BytesIO(content), stop_before_pixels=True, force=not preamble)
+        rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        series = str(ds.get("SeriesInstanceUID", "") or "")
+    except Exception:  # noqa: BLE001 - client bytes
+        raise invalid(f"{param}: the DICOM header of ZIP member {short!r} could not be parsed", "invalid_dicom",
+                      param) from None
+    if not rows or not cols:
+        raise invalid(f"{param}: ZIP member {short!r} holds no image (Rows/Columns missing)", "invalid_dicom",
+                      param)
+    return frames, rows, cols, samples, series
+
+
+def _check_series_headers(headers: Sequence[tuple[int, int, int, int, str]], param: str,
+                          limits: InputLimits) -> None:
+    """One SeriesInstanceUID; every dimension positive; the voxels summed over slices within the limit."""
+    series = {h[4] for h in headers}
+    if len(series) != 1:
+        raise invalid(f"{param}: the ZIP holds slices of {len(series)} DICOM series; expected one",
+                      "invalid_archive", param)
+    total = 0
+    for frames, rows, cols, samples, _ in headers:
+        _check_count((frames, rows, cols, samples), limits.voxels(), "voxels", param, "volume_too_large")
+        total += frames * rows * cols * samples
+    if total > limits.voxels():
+        raise invalid(f"{param}: the slice headers declare {total} voxels (rows x columns summed over "
+                      f"{len(headers)} slices), above the limit of {limits.voxels()}", "volume_too_large", param)
 
 
 # ============================================================================= messages

@@ -8,7 +8,7 @@ with the raw file as the body. The file goes through the same checks as a chat r
   :class:`~medmllm.data.dataset.PartLoader`) and stretches other images between their 0.5th and
   99.5th percentiles; a preset name windows the Hounsfield units. A multi-frame DICOM is a stack:
   ``slice`` picks the frame.
-* ``volume`` (NIfTI): the axial slice ``slice`` (default: the middle) of the canonical (S, P, L)
+* ``volume`` (NIfTI, DICOM series ZIP): the axial slice ``slice`` (default: the middle) of the canonical (S, P, L)
   volume, windowed as above (``auto``: percentiles of the slice).
 * ``signal`` (WFDB ZIP, signal CSV, DICOM ECG): the first 10 s of every lead, drawn as traces.
 * ``ehr``: JSON ``{"kind": "ehr", "features": {name: latest value}, "units": {...}, "notes": n}``.
