@@ -287,3 +287,44 @@ def test_requests_arriving_mid_decode_join_the_running_batch(model_dir, files, s
         got = results[name]
         assert (got.text, got.finish_reason, got.prompt_tokens, got.completion_tokens) == \
                (ref.text, ref.finish_reason, ref.prompt_tokens, ref.completion_tokens), name
+
+
+def test_a_batch_that_never_drains_keeps_its_cache_bounded_and_answers_as_alone(engine, files):
+    """Twenty short requests join a 2-row batch one by one as rows end, so the batch never drains:
+    the cache stays within the longest prompt + max_tokens (positions every row masks are dropped;
+    without that it grows by one per step) and every answer equals the request's answer alone."""
+    from medmllm.data.collate import MultimodalCollator
+    from medmllm.serve.decode import Row, run_batch
+
+    questions = ["What is shown?", "Is there a nodule in this chest x-ray?", "hi", "Describe the image."]
+    requests = [(_msg(q, _part("image", files / "x.png")) if k % 2 == 0 else _msg(q), SamplingParams(max_tokens=4))
+                for k, q in enumerate(questions * 5)]
+    alone = [engine.complete(m, p) for m, p in requests]
+    prepared = [engine.prepare(m, p) for m, p in requests]
+    collate = MultimodalCollator(engine.tokenizer, 4096, engine.model.num_tokens, train=False)
+    decode = lambda ids: engine.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    texts: dict = {}
+
+    def row(i: int) -> Row:
+        r = Row(prepared[i].params, decode, stream=False)
+        r.finish = lambda reason: texts.__setitem__(i, (r.text, reason, r.steps))
+        return r
+
+    waiting = list(range(1, len(prepared)))
+
+    def admit(n: int):
+        if not waiting:
+            return None
+        i = waiting.pop(0)
+        return collate([prepared[i].example]), [row(i)]
+
+    stats: dict = {}
+    run_batch(engine.model, engine.tokenizer, collate([prepared[0].example]), [row(0)], admit=admit, capacity=2,
+              stats=stats)
+    assert sorted(texts) == list(range(len(requests)))
+    for i, ref in enumerate(alone):
+        assert texts[i] == (ref.text, ref.finish_reason, ref.completion_tokens), i
+    longest_prompt = max(p.prompt_tokens for p in prepared)
+    assert stats["decode_steps"] > 2 * 4 + longest_prompt // 4     # long enough to grow without trimming
+    assert stats["longest_cache"] <= longest_prompt + 4
+

@@ -13,7 +13,9 @@ cache; the mask is passed only when the batch has padding), so a greedy row gets
   the batch and its KV cache (``Cache.batch_select_indices``), so the others run on;
 * continuous batching: requests that arrive while a batch runs are prefilled and join it between
   two steps (caches left-padded to one length and concatenated; each row keeps its own positions
-  and its padding is masked), so a busy server never waits for a whole batch to finish.
+  and its padding is masked), so a busy server never waits for a whole batch to finish; cache
+  positions that every row masks are dropped when rows leave, so a batch that never drains does
+  not grow its cache without bound.
 
 Minimal change that would let ``model/generate.py`` serve this instead: an ``on_step(tokens [B],
 finished [B])`` callback and per-row ``temperature``/``top_p``/generators in ``_decode_loop``.
@@ -183,6 +185,22 @@ def _select(st: _State, keep: list[int], tok: torch.Tensor) -> torch.Tensor:
     return tok[idx]
 
 
+def _trim(st: _State) -> None:
+    """Drop the leading cache positions that every row masks (left padding whose rows have ended), so a
+    batch that never drains (continuous batching) keeps a cache no longer than its longest live row."""
+    if st.attention is None:
+        return
+    live = st.attention.any(dim=0)                                                # [length]
+    first = int(live.long().argmax()) if bool(live.any()) else st.length
+    if first == 0:
+        return
+    for layer in st.cache.layers:                                                 # keys/values [b, h, L, d]
+        layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+    st.attention, st.length = st.attention[:, first:], st.length - first
+    if bool(st.attention.all()):
+        st.attention = None                                    # no padding left: no mask, as generate() does
+
+
 def mergeable(cache) -> bool:
     """True for a plain ``DynamicCache`` of plain ``DynamicLayer`` s (keys/values ``[B, heads, L, dim]``):
     such caches can be left-padded and concatenated along the batch (no sliding windows, no extra state)."""
@@ -230,7 +248,7 @@ def run_batch(model, tokenizer, batch: dict, rows: Sequence[Row],
     batch and its rows) while fewer than ``capacity`` rows are running; they are prefilled and join
     the running batch (only with a :func:`mergeable` cache; otherwise the batch runs as it started).
     Returns the number of forward passes; ``stats`` (if given) accumulates ``decode_steps`` and
-    ``row_steps`` (rows decoded summed over steps). Rows report through their callbacks; an exception
+    ``row_steps`` (rows decoded summed over steps) and keeps ``longest_cache`` (positions, at a step). Rows report through their callbacks; an exception
     from the model propagates (the caller fails the rows that have not ended).
     """
     eos = set(eos_ids(model, tokenizer))
@@ -252,11 +270,14 @@ def run_batch(model, tokenizer, batch: dict, rows: Sequence[Row],
         if keep:
             if prunable and len(keep) < len(st.rows):
                 tok = _select(st, keep, tok)
+                if mergeable(st.cache):
+                    _trim(st)
             _step(model, st, tok)
             passes += 1
             if stats is not None:
                 stats["decode_steps"] = stats.get("decode_steps", 0) + 1
                 stats["row_steps"] = stats.get("row_steps", 0) + len(st.rows)
+                stats["longest_cache"] = max(stats.get("longest_cache", 0), st.length)
             if new is not None:
                 st, passes = _merge(st, _prefill(model, *new)), passes + 1
         elif new is not None:

@@ -16,7 +16,8 @@ event loop). :meth:`Engine.complete` and :meth:`Engine.stream` are blocking conv
 CLI, tests and benchmarks. ``Engine.stats`` counts ``batches`` (one ``run_batch`` = one generate call),
 ``requests``, ``joined_running_batch`` (requests that joined a batch already decoding: continuous
 batching), ``forward_passes``, ``decode_steps`` and ``row_steps`` (rows decoded summed over steps:
-``row_steps / decode_steps`` is the mean batch occupancy) and ``largest_batch`` (at the start).
+``row_steps / decode_steps`` is the mean batch occupancy), ``largest_batch`` (at the start) and
+``longest_cache`` (the longest KV cache a step ran with, in positions).
 """
 
 from __future__ import annotations
@@ -145,7 +146,8 @@ class Engine:
         self._stop = threading.Event()
         self._special = [t for t in tokenizer.all_special_tokens if t]
         self.stats = {"batches": 0, "requests": 0, "forward_passes": 0, "largest_batch": 0,
-                      "joined_running_batch": 0, "decode_steps": 0, "row_steps": 0}
+                      "joined_running_batch": 0, "decode_steps": 0, "row_steps": 0,
+                      "longest_cache": 0}
 
     # ------------------------------------------------------------------ construction
 
