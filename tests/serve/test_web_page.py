@@ -1,6 +1,7 @@
 """The web page in headless Chromium (Playwright driving the system's Chromium): enter the key, upload
 a MedPhantom radiograph, see its preview, ask, read the streamed answer (equal to the engine's), then
-a NIfTI volume shows the slice slider. A screenshot goes to docs/web_page.png (or
+a NIfTI volume shows the slice slider, a ZIP is taken as a volume (DICOM slices) or a signal (a WFDB
+header) from the names inside it. A screenshot goes to docs/web_page.png (or
 $MEDMLLM_WEB_SCREENSHOT).
 
 Needs ``pip install playwright`` and a Chromium: the Debian package (``apt-get install chromium``,
@@ -90,5 +91,27 @@ def test_upload_ask_and_read_the_streamed_answer(browser, server, engine, xray_p
     page.wait_for_function("() => !document.getElementById('slice-row').hidden", timeout=15000)
     assert page.input_value("#kind") == "volume"
     assert page.get_attribute("#slice", "max") == "6"
+
+    # a ZIP of DICOM slices is taken as a volume, a ZIP with a WFDB header as a signal
+    import zipfile
+
+    from medmllm.data.phantoms.writers import write_dicom_series
+
+    slices = write_dicom_series(tmp_path / "series", np.random.default_rng(1).normal(40, 60, (5, 24, 24))
+                                .astype(np.int16), (2.0, 1.0, 1.0), patient_id="WEB-1", uid_seed="web-page")
+    zipped = tmp_path / "series.zip"
+    with zipfile.ZipFile(zipped, "w") as zf:
+        for f in slices:
+            zf.write(f, Path(f).name)
+    page.set_input_files("#file", str(zipped))
+    page.wait_for_function("() => !document.getElementById('slice-row').hidden", timeout=15000)
+    assert page.input_value("#kind") == "volume"
+    assert page.get_attribute("#slice", "max") == "4"
+    wfdb_zip = tmp_path / "ecg.zip"
+    with zipfile.ZipFile(wfdb_zip, "w") as zf:
+        zf.writestr("rec.hea", "rec 1 250 10\nrec.dat 16 200 16 0 0 0 0 I\n")
+        zf.writestr("rec.dat", bytes(20))
+    page.set_input_files("#file", str(wfdb_zip))
+    page.wait_for_function("() => document.getElementById('kind').value === 'signal'", timeout=15000)
     assert errors == []
     page.close()

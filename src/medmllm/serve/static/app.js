@@ -37,6 +37,29 @@ function guessKind(name) {
   return "ehr";
 }
 
+// The kind a ZIP holds, from the file names in its central directory: a .hea means a WFDB record
+// (signal); otherwise DICOM slices (volume). Unreadable ZIPs: "signal" (the server then says why).
+async function zipKind(file) {
+  try {
+    const tailLen = Math.min(file.size, 65557);                       // EOCD (22 bytes) + longest comment
+    const tail = new DataView(await file.slice(file.size - tailLen).arrayBuffer());
+    let eocd = -1;
+    for (let i = tailLen - 22; i >= 0; i--) { if (tail.getUint32(i, true) === 0x06054b50) { eocd = i; break; } }
+    if (eocd < 0) return "signal";
+    const count = tail.getUint16(eocd + 10, true), size = tail.getUint32(eocd + 12, true);
+    const offset = tail.getUint32(eocd + 16, true);
+    const cd = new DataView(await file.slice(offset, offset + size).arrayBuffer());
+    const decoder = new TextDecoder();
+    let pos = 0, names = [];
+    for (let k = 0; k < count && pos + 46 <= cd.byteLength && cd.getUint32(pos, true) === 0x02014b50; k++) {
+      const n = cd.getUint16(pos + 28, true), extra = cd.getUint16(pos + 30, true), note = cd.getUint16(pos + 32, true);
+      names.push(decoder.decode(new Uint8Array(cd.buffer, pos + 46, n)).toLowerCase());
+      pos += 46 + n + extra + note;
+    }
+    return names.some(n => n.endsWith(".hea")) ? "signal" : names.length ? "volume" : "signal";
+  } catch (e) { return "signal"; }
+}
+
 async function loadModel() {
   try {
     const res = await fetch("/v1/models", { headers: headers() });
@@ -61,7 +84,7 @@ async function onFile() {
   const file = $("file").files[0];
   if (!file) return;
   state.file = file; state.sent = false; state.b64 = null;
-  $("kind").value = guessKind(file.name);
+  $("kind").value = extension(file.name) === "zip" ? await zipKind(file) : guessKind(file.name);
   $("slice-row").hidden = true;
   $("slice").value = 0;
   $("file-status").textContent = file.name + " (" + Math.round(file.size / 1024) + " KiB) — loading…";
