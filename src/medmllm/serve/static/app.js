@@ -84,9 +84,9 @@ async function onFile() {
   const file = $("file").files[0];
   if (!file) return;
   state.file = file; state.sent = false; state.b64 = null;
-  $("kind").value = extension(file.name) === "zip" ? await zipKind(file) : guessKind(file.name);
   $("slice-row").hidden = true;
   $("slice").value = 0;
+  $("kind").value = extension(file.name) === "zip" ? await zipKind(file) : guessKind(file.name);
   $("file-status").textContent = file.name + " (" + Math.round(file.size / 1024) + " KiB) — loading…";
   state.b64 = await readBase64(file);
   await refreshPreview(null);
