@@ -248,8 +248,9 @@ def run_batch(model, tokenizer, batch: dict, rows: Sequence[Row],
     batch and its rows) while fewer than ``capacity`` rows are running; they are prefilled and join
     the running batch (only with a :func:`mergeable` cache; otherwise the batch runs as it started).
     Returns the number of forward passes; ``stats`` (if given) accumulates ``decode_steps`` and
-    ``row_steps`` (rows decoded summed over steps) and keeps ``longest_cache`` (positions, at a step). Rows report through their callbacks; an exception
-    from the model propagates (the caller fails the rows that have not ended).
+    ``row_steps`` (rows decoded summed over steps) and keeps ``longest_cache`` (positions, at a step).
+    Rows report through their callbacks; an exception from the model propagates (the caller fails the
+    rows that have not ended).
     """
     eos = set(eos_ids(model, tokenizer))
     capacity = capacity or len(rows)
