@@ -280,19 +280,33 @@ def _dicom_shape(data: bytes, param: str) -> tuple[int, ...]:
     A deflated dataset (transfer syntax 1.2.840.10008.1.2.1.99) is refused: pydicom inflates it
     whole before parsing, so its size cannot be bounded first.
     """
+    return _dicom_header(data, param)[0]
+
+
+def _dicom_header(data: bytes, param: str, member: str | None = None) -> tuple[tuple[int, int, int, int], str]:
+    """((frames, rows, columns, samples), SeriesInstanceUID) from a DICOM header without its pixel data.
+
+    ``member``: the name of the ZIP member ``data`` came from; it may then lack the preamble (parsed
+    with ``force``), refusals name it and their code is ``invalid_dicom`` (else ``invalid_image``).
+    The syntax is checked first (:func:`check_dicom_syntax`); a dataset without Rows/Columns is refused.
+    """
     import pydicom
 
-    check_dicom_syntax(data, param)
+    force = member is not None and sniff(data) != "dicom"
+    of, subject, code = ((f" of ZIP member {member!r}", f"ZIP member {member!r}", "invalid_dicom") if member is not None
+                         else ("", "the DICOM file", "invalid_image"))
+    check_dicom_syntax(data, param, force=force)
     try:
-        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=force)
         rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
         frames = int(ds.get("NumberOfFrames", 1) or 1)
         samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        series = str(ds.get("SeriesInstanceUID", "") or "")
     except Exception:  # noqa: BLE001 - client bytes
-        raise invalid(f"{param}: the DICOM header could not be parsed", "invalid_image", param) from None
+        raise invalid(f"{param}: the DICOM header{of} could not be parsed", code, param) from None
     if not rows or not cols:
-        raise invalid(f"{param}: the DICOM file holds no image (Rows/Columns missing)", "invalid_image", param)
-    return frames, rows, cols, samples
+        raise invalid(f"{param}: {subject} holds no image (Rows/Columns missing)", code, param)
+    return (frames, rows, cols, samples), series
 
 
 # ============================================================================= other files
@@ -548,30 +562,14 @@ def _series_members(infos: Sequence[zipfile.ZipInfo], param: str, limits: InputL
 def _slice_header(content: bytes, name: str, param: str) -> tuple[int, int, int, int, str]:
     """(frames, rows, columns, samples, SeriesInstanceUID) of one member, parsed without the pixel data.
 
-    A member needs the ``DICM`` preamble or a ``.dcm`` name (then it is parsed with ``force``); a
-    deflated dataset, a header that does not parse and a dataset without Rows/Columns are refused.
+    A member needs the ``DICM`` preamble or a ``.dcm`` name; then :func:`_dicom_header` reads it.
     """
-    import pydicom
-
     short = name.rsplit("/", 1)[-1][-40:]
-    preamble = sniff(content) == "dicom"
-    if not preamble and not name.lower().endswith(".dcm"):
+    if sniff(content) != "dicom" and not name.lower().endswith(".dcm"):
         raise invalid(f"{param}: ZIP member {short!r} is not a DICOM file (no 'DICM' preamble, not named .dcm)",
                       "invalid_archive", param)
-    check_dicom_syntax(content, param, force=not preamble)
-    try:
-        ds = pydicom.dcmread(io.BytesIO(content), stop_before_pixels=True, force=not preamble)
-        rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
-        samples = int(ds.get("SamplesPerPixel", 1) or 1)
-        series = str(ds.get("SeriesInstanceUID", "") or "")
-    except Exception:  # noqa: BLE001 - client bytes
-        raise invalid(f"{param}: the DICOM header of ZIP member {short!r} could not be parsed", "invalid_dicom",
-                      param) from None
-    if not rows or not cols:
-        raise invalid(f"{param}: ZIP member {short!r} holds no image (Rows/Columns missing)", "invalid_dicom",
-                      param)
-    return frames, rows, cols, samples, series
+    shape, series = _dicom_header(content, param, member=short)
+    return (*shape, series)
 
 
 def _check_series_headers(headers: Sequence[tuple[int, int, int, int, str]], param: str,
