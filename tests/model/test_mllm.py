@@ -108,6 +108,32 @@ def test_features_land_on_their_placeholders_in_order(family):
                        torch.cat([torch.arange(int(n)) for n in batch["attention_mask"].sum(1)]))
 
 
+def test_tokens_encoded_ahead_item_by_item_give_the_same_embeddings():
+    """encode_item per item, passed back as modality_tokens, equals encoding the collated batch; a kind
+    given ahead is not encoded again (its modality_inputs are ignored)."""
+    model, tok = tiny("llama")
+    model.eval()
+    spec = [["image", "ehr", "image"], ["signal", "volume"], ["ehr"]]
+    batch = collate(model, tok, spec, train=False)
+    with torch.no_grad():
+        ref = model.embed_inputs(**batch)
+        ahead: dict = {}
+        for ex in examples(spec):
+            for kind, x in ex["modalities"]:
+                tokens, mask = model.encode_item(kind, x)
+                assert tokens.shape == (model.num_tokens(kind, x), model.llm.config.hidden_size)
+                assert mask.shape == tokens.shape[:1] and mask.dtype == torch.bool
+                ahead.setdefault(kind, []).append((tokens, mask))
+        broken = {k: torch.full_like(v, float("nan")) for k, v in batch["modality_inputs"].items()}
+        got = model.embed_inputs(**{**batch, "modality_inputs": broken, "modality_tokens": ahead})
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(InputError, match="expected 5 <image> placeholder tokens .* found 10"):  # one missing
+        model.embed_inputs(**{**batch, "modality_tokens": {**ahead, "image": ahead["image"][:1]}})
+    with pytest.raises(InputError, match="kind"):
+        model.encode_item("audio", torch.zeros(3))
+
+
 def test_masked_projector_tokens_get_no_attention():
     model, tok = tiny("llama", modalities=("image",))
     original = model.projectors["image"]

@@ -146,6 +146,40 @@ def test_ehr_notes_and_volume_reach_the_prompt(engine, files):
     assert kind == "volume" and tuple(tensor.shape) == (1, *engine.shapes.volume_shape)
 
 
+def test_media_are_encoded_when_prepared_and_not_again_in_the_batch(engine, files, monkeypatch):
+    """prepare() runs each media part through its encoder and projector (on the caller's thread); the
+    worker uses those tokens, so a later change to the encoder does not reach a prepared request."""
+    messages = _msg("What is shown?", _part("image", files / "x.png"), _part("ehr", files / "e.json"))
+    prepared = engine.prepare(messages, SamplingParams(max_tokens=6))
+    assert [k for k, _, _ in prepared.encoded] == ["image", "ehr"]
+    for (kind, tensor), (_, tokens, mask) in zip(prepared.example["modalities"], prepared.encoded):
+        with torch.no_grad():
+            want, want_mask = engine.model.encode_item(kind, tensor)
+        torch.testing.assert_close(tokens, want)
+        assert torch.equal(mask, want_mask)
+    alone = engine.complete(messages, SamplingParams(max_tokens=6)).text
+    encoder = engine.model.encoders["image"]
+    monkeypatch.setattr(encoder, "forward", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("encoder ran")))
+    events = []
+    finished = threading.Event()
+    engine.submit(prepared, lambda ev: (events.append(ev), isinstance(ev, Done) and finished.set()))
+    assert finished.wait(60)
+    assert isinstance(events[-1], Done) and events[-1].text == alone
+
+
+def test_an_input_the_encoder_refuses_is_a_422_naming_the_kind(engine, files, monkeypatch):
+    from medmllm.errors import InputError
+
+    def refuse(kind, x):
+        raise InputError("pixel_values", f"expected 1 channel, got shape {tuple(x.shape)}")
+
+    monkeypatch.setattr(engine.model, "encode_item", refuse)
+    with pytest.raises(ServeError) as info:
+        engine.prepare(_msg("Q?", _part("image", files / "x.png")))
+    assert info.value.status == 422 and info.value.code == "invalid_input"
+    assert "image" in info.value.message and "expected 1 channel" in info.value.detail
+
+
 def _series_zip(tmp_path, vol: np.ndarray, spacing, truncate: bool = False) -> bytes:
     """``vol`` written by the phantom series writer and zipped in one folder (last slice cut short if asked)."""
     import io

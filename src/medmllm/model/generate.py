@@ -58,7 +58,8 @@ def model_inputs(model, batch: dict) -> dict:
             return [move(x) for x in v]
         return v
 
-    keys = ("input_ids", "attention_mask", "modality_inputs", "modality_batch_index", "question_embeds")
+    keys = ("input_ids", "attention_mask", "modality_inputs", "modality_batch_index", "question_embeds",
+            "modality_tokens")
     return {k: move(batch[k]) for k in keys if batch.get(k) is not None}
 
 

@@ -263,9 +263,13 @@ class MedMLLM(PreTrainedModel):
 
     def embed_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                      modality_inputs: dict | None = None, modality_batch_index: dict | None = None,
-                     question_embeds: torch.Tensor | None = None, **ignored):
+                     question_embeds: torch.Tensor | None = None,
+                     modality_tokens: dict | None = None, **ignored):
         """Token embeddings with modality features scattered into the placeholders.
 
+        ``modality_tokens`` (optional): ``{kind: [(tokens [M, H], mask [M]), ...]}``, one pair per item
+        in batch order, already encoded and projected by :meth:`encode_item` (e.g. by a server on
+        another thread); a kind given here is not encoded again and its ``modality_inputs`` are ignored.
         Returns ``inputs_embeds [B, L, H]``, ``attention_mask [B, L]`` (0 on padding and on
         placeholders whose projector output is masked) and ``position_ids [B, L]`` (counted over
         non-padding tokens, so left padding gives the positions an unpadded row would have).
@@ -274,23 +278,29 @@ class MedMLLM(PreTrainedModel):
             attention_mask = torch.ones_like(input_ids)                          # [B, L]
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)       # [B, L]
         embeds = self.llm.get_input_embeddings()(input_ids)                      # [B, L, H]
-        modality_inputs = modality_inputs or {}
+        modality_tokens = modality_tokens or {}
+        modality_inputs = {k: v for k, v in (modality_inputs or {}).items() if k not in modality_tokens}
         modality_batch_index = modality_batch_index or {}
-        unknown = sorted(set(modality_inputs) - set(self.encoders))
+        unknown = sorted((set(modality_inputs) | set(modality_tokens)) - set(self.encoders))
         if unknown:
             raise InputError("modality_inputs", f"expected kinds among {sorted(self.encoders)} (the model's "
                                                 f"encoders), got {unknown}")
         for kind, token_id in self.config.placeholder_token_ids.items():
             where = input_ids == token_id                                        # [B, L] placeholders of kind
-            x = modality_inputs.get(kind)
-            if x is None:
+            x, done = modality_inputs.get(kind), modality_tokens.get(kind)
+            if x is None and done is None:
                 if where.any():
                     raise InputError("input_ids", f"expected 0 {_tok(kind)} placeholder tokens (no {kind} "
                                                   f"inputs given), found {int(where.sum())}")
                 continue
-            # encoder + projector: [N_k, ...] -> [N_k, M_k, H] (a list of items may differ in M)
-            tokens, mask, per_item = self._encode_project(kind, x, modality_batch_index.get(kind),
-                                                          question_embeds)      # [S, H], [S], [N_k]
+            if done is not None:                                                 # encoded ahead, per item
+                tokens = torch.cat([t.to(embeds.device) for t, _ in done])             # [S, H]
+                mask = torch.cat([m.to(embeds.device) for _, m in done])               # [S]
+                per_item = [int(t.shape[0]) for t, _ in done]                          # [N_k]
+            else:
+                # encoder + projector: [N_k, ...] -> [N_k, M_k, H] (a list of items may differ in M)
+                tokens, mask, per_item = self._encode_project(kind, x, modality_batch_index.get(kind),
+                                                              question_embeds)  # [S, H], [S], [N_k]
             _check_placeholders(kind, where, per_item, modality_batch_index.get(kind))
             # scatter: the s-th True position of `where` (row-major) gets tokens[s]
             embeds = embeds.masked_scatter(where[..., None], tokens.to(embeds.dtype))          # [B, L, H]
@@ -315,6 +325,15 @@ class MedMLLM(PreTrainedModel):
             input_ids, attention_mask, modality_inputs, modality_batch_index, question_embeds)  # [B, L, H] ...
         kw.setdefault("position_ids", positions)                                 # [B, L]
         return self.llm(inputs_embeds=embeds, attention_mask=attention, labels=labels, **kw)
+
+    def encode_item(self, kind: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One ``kind`` input ``x [*S]`` (no batch dimension) -> its projected tokens ``[M, H]`` and
+        mask ``[M]``, without question conditioning: what :meth:`embed_inputs` scatters for it.
+        Pass the pairs back as ``modality_tokens`` to skip encoding (the caller sets no-grad/eval)."""
+        if kind not in self.encoders:
+            raise InputError("kind", f"expected one of {sorted(self.encoders)} (the model's encoders), got {kind!r}")
+        tokens, mask, _ = self._encode_project(kind, x.unsqueeze(0), None, None)   # [M, H], [M]
+        return tokens, mask
 
     def _encode_project(self, kind: str, x, batch_index: torch.Tensor | None, question: torch.Tensor | None):
         """``x [N, ...]`` (or a list of N tensors ``[...]``) -> tokens ``[sum M_i, H]``, mask, ``[M_i]``."""

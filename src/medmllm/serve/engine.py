@@ -3,7 +3,8 @@
 Life of a request::
 
     engine.prepare(messages, params)     # any thread: files -> tensors (PartLoader), chat template,
-                                         # context check -> Prepared (ServeError 422 on bad input)
+                                         # context check, media encoded and projected (off the worker,
+                                         # so it overlaps decoding) -> Prepared (ServeError 422 on bad input)
     handle = engine.submit(prepared, sink)   # QueueFull (429) when queue_size requests wait already
     # the worker thread takes the first waiting request, waits up to batch_window_ms for more
     # (at most max_batch), collates them left-padded (as medmllm.eval.inprocess.predict does) and
@@ -55,12 +56,14 @@ class SamplingParams:
 
 @dataclass
 class Prepared:
-    """A request ready to batch: the collator example, its prompt length and resolved parameters."""
+    """A request ready to batch: the collator example, its prompt length, resolved parameters and the
+    projected tokens of its media, in order (``(kind, tokens [M, H], mask [M])``, see ``MedMLLM.encode_item``)."""
 
     id: str
     example: dict
     prompt_tokens: int
     params: RowParams
+    encoded: list = field(default_factory=list)
 
 
 @dataclass
@@ -243,6 +246,11 @@ class Engine:
             batch = self._collator([h.prepared.example for h in hs])
             if batch["ids"] != [h.prepared.id for h in hs]:
                 raise RuntimeError(f"collator dropped {batch['dropped']}")
+            done: dict[str, list] = {}                       # batch order: row by row, then order of appearance
+            for h in hs:
+                for kind, tokens, mask in h.prepared.encoded:
+                    done.setdefault(kind, []).append((tokens, mask))
+            batch["modality_tokens"] = done
             self.stats["requests"] += len(hs)
             return batch, rows
 
@@ -321,7 +329,28 @@ class Engine:
                           "roles must alternate user/assistant for some models)", "invalid_conversation",
                           "messages", detail=str(exc)) from None
         n = len(sample.input_ids)
-        return Prepared(rid, example, n, self._row_params(params, n))
+        row_params = self._row_params(params, n)
+        return Prepared(rid, example, n, row_params, self._encode(rid, mods))
+
+    def _encode(self, rid: str, mods: list) -> list:
+        """Each media tensor -> ``(kind, tokens [M, H], mask [M])`` through its encoder and projector.
+
+        Runs on the caller's thread: torch releases the GIL inside the encoders' kernels, so a request's
+        encoding overlaps the worker's decoding of the others (the worker then only embeds and prefills).
+        """
+        import torch
+
+        out = []
+        with torch.inference_mode():
+            for kind, tensor in mods:
+                try:
+                    tokens, mask = self.model.encode_item(kind, tensor)
+                except MedmllmError as exc:
+                    log.info("input refused by the %s encoder (%s): %s", kind, rid, exc)
+                    raise invalid(f"the {kind} input does not fit the model's {kind} encoder", "invalid_input",
+                                  "messages", detail=str(exc)) from None
+                out.append((kind, tokens, mask))
+        return out
 
     def _row_params(self, p: SamplingParams, n: int) -> RowParams:
         ctx = self.max_context
