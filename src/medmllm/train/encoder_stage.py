@@ -44,6 +44,7 @@ from torch.nn import functional as F
 
 from medmllm.data.dataset import ModalityShapes, PartLoader
 from medmllm.errors import ConfigError, InputError
+from medmllm.train.sft import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -739,6 +740,49 @@ def _run(module: _StageModule, train: list[StageItem], val: list[StageItem], kin
             "dense_pos_weight": pos_weight, "run_dir": str(cfg.run_dir)}
 
 
-__all__ = ["EncoderHeads", "EncoderStageConfig", "MapLayout", "StageItem", "collate", "dense_losses",
+# ============================================================================= the recipe
+@dataclasses.dataclass
+class EncoderRecipe(EncoderStageConfig):
+    """``medmllm train recipes/encoder.yaml``: :class:`EncoderStageConfig` plus ``stage: encoder`` and the
+    ``model`` to adapt (``{path: a saved medmllm model}`` or ``{builder: small}``, as the SFT recipes)."""
+
+    stage: str = "encoder"
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.stage != "encoder":
+            raise ConfigError(f"stage: expected 'encoder' for this recipe, got {self.stage!r}")
+
+
+def run_from_config(recipe, overrides: Sequence[str] = (), progress: bool = True) -> dict:
+    """Setup -> train -> save: the encoder stage from a recipe YAML (or mapping) with ``key=value`` overrides.
+
+    The model (``model.path`` or ``model.builder``) is loaded, its encoders are trained by
+    :func:`train_encoders` on the MedPhantom build at ``data``, and the whole model (the LLM and
+    projectors unchanged) is saved with its tokenizer to ``run_dir/model``, ready for
+    ``recipes/alignment.yaml model.path=RUN_DIR/model``. The head scores go to
+    ``run_dir/encoder_metrics.json``. Config errors (unknown key, missing build) stop it before any training.
+    """
+    from medmllm.config import load_config
+    from medmllm.io import write_json
+    from medmllm.train.sft import load_model
+
+    cfg = load_config(recipe, overrides, schema=EncoderRecipe)
+    if not (Path(cfg.data) / "cases.jsonl").is_file():
+        raise InputError(Path(cfg.data), "expected a MedPhantom build folder holding cases.jsonl (medmllm phantoms "
+                                         "--out DIR writes one)")
+    model, tokenizer = load_model(cfg.model)
+    metrics = train_encoders(model, cfg.data, cfg, progress=progress)
+    out = Path(cfg.run_dir) / "model"
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    write_json(Path(cfg.run_dir) / "encoder_metrics.json", metrics)
+    return {"stage": "encoder", "model": str(out), "steps": metrics["steps"], "final_loss": metrics["final_loss"],
+            "samples_per_s": metrics["samples_per_s"], "val": metrics["val"]}
+
+
+__all__ = ["EncoderHeads", "EncoderRecipe", "EncoderStageConfig", "MapLayout", "StageItem", "collate", "dense_losses",
            "dense_pos_weights", "encode", "evaluate_heads", "feature_stem", "load_items", "make_stage_loss",
-           "map_layouts", "pool_features", "token_layout", "read_cases", "region_box", "task_losses", "train_encoders"]
+           "map_layouts", "pool_features", "token_layout", "read_cases", "region_box", "run_from_config", "task_losses",
+           "train_encoders"]
