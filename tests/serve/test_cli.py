@@ -4,6 +4,8 @@ stream_answer."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 from typer.testing import CliRunner
 
@@ -24,6 +26,9 @@ def test_serve_builds_the_app_and_runs_uvicorn(model_dir, monkeypatch):
 
     seen = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app, **kw))
+    access = logging.getLogger("medmllm.serve.access")       # serve points it at the runner's stderr, closed
+    for attr in ("handlers", "propagate", "level"):           # afterwards: restored for later tests' servers
+        monkeypatch.setattr(access, attr, getattr(access, attr))
     monkeypatch.setenv(cli.KEYS_ENV, "k2,k3")
     result = runner.invoke(cli.app, ["serve", "--model", str(model_dir), "--api-key", "k1", "--port", "8123",
                                      "--max-body-mb", "2", "--cors-origin", "http://localhost:3000",
