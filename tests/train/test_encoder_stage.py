@@ -94,6 +94,26 @@ def test_heads_shapes_and_dense_loss_masks_rows_not_applicable():
     assert torch.allclose(loss["image"]["w"], want)
 
 
+def test_class_recall_shows_what_accuracy_hides():
+    """A head that answers 'no' to every lesion: accuracy 0.6 on 3 no / 2 yes, recall no 1.0, yes 0.0;
+    a three-class task scored per class by hand; NaN labels (task not applicable) are left out."""
+    from medmllm.train.encoder_stage import _Scores, _score_batch
+
+    heads = EncoderHeads({"volume": 4}, {"volume": {"lesion_present": 2, "lesion_band": 3}})
+    nan = float("nan")
+    labels = torch.tensor([[0, nan], [0, nan], [0, nan], [1, 0], [1, 2]])        # [5, tasks]
+    present = torch.tensor([[3.0, 0.0]] * 5)                                     # argmax 0 ("no") for all
+    band = torch.tensor([[9.0, 0, 0], [9.0, 0, 0], [9.0, 0, 0], [9.0, 0, 0], [0, 9.0, 0]])  # preds 0,0,0,0,1
+    scores = _Scores()
+    _score_batch(scores, heads, {"volume": {"lesion_present": present, "lesion_band": band}},
+                 {"labels": {"volume": labels}})
+    metrics, counts = scores.result()
+    assert metrics["volume"] == {"lesion_present": 0.6, "lesion_band": 0.5}
+    assert counts["volume"] == {"lesion_present": 5, "lesion_band": 2}
+    recall = scores.class_recall({"volume": {"lesion_present": ("no", "yes"), "lesion_band": ("low", "mid", "high")}})
+    assert recall == {"volume": {"lesion_present": {"no": 1.0, "yes": 0.0}, "lesion_band": {"low": 1.0, "high": 0.0}}}
+
+
 def test_config_rejects_bad_values():
     with pytest.raises(ConfigError, match="steps"):
         EncoderStageConfig(data="x", steps=0)
@@ -142,6 +162,9 @@ def test_train_encoders_trains_only_the_encoders(build, tmp_path):
     assert set(result["val"]["image"]) >= {"nodule_present", "ct_lesion_present", "ct_organ", "nodule_where"}
     assert "lesion_where" in result["val"]["volume"]
     assert 0.0 <= result["val"]["ehr"]["fever"] <= 1.0 and result["val"]["signal"]["heart_rate"] >= 0.0
+    recall = result["val_class_recall"]
+    assert set(recall["image"]["nodule_present"]) <= {"no", "yes"} and "heart_rate" not in recall["signal"]
+    assert all(0.0 <= r <= 1.0 for tasks in recall.values() for per in tasks.values() for r in per.values())
     assert result["steps"] == 12 and result["train_seconds"] > 0 and result["samples_per_s"] > 0
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [4, 8, 12]

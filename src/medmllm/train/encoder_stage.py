@@ -526,6 +526,22 @@ class _Scores:
     def __init__(self):
         self.sums: dict[tuple[str, str], float] = {}
         self.counts: dict[tuple[str, str], int] = {}
+        self.by_class: dict[tuple[str, str, int], list[int]] = {}   # (kind, task, class) -> [hits, n]
+
+    def add_class(self, kind: str, task: str, label: int, hits: int, n: int) -> None:
+        if n:
+            acc = self.by_class.setdefault((kind, task, label), [0, 0])
+            acc[0], acc[1] = acc[0] + hits, acc[1] + n
+
+    def class_recall(self, class_names: dict) -> dict:
+        """``{kind: {task: {class name: recall}}}`` over the labelled items of each class (names from
+        ``class_names[kind][task]``, else the class index)."""
+        out: dict = {}
+        for (kind, task, label), (hits, n) in sorted(self.by_class.items()):
+            names = (class_names.get(kind) or {}).get(task) or ()
+            name = names[label] if label < len(names) else str(label)
+            out.setdefault(kind, {}).setdefault(task, {})[name] = round(hits / n, 4)
+        return out
 
     def add(self, kind: str, task: str, total: float, n: int) -> None:
         if n:
@@ -550,7 +566,10 @@ def _score_batch(scores: _Scores, heads: EncoderHeads, outputs: dict, batch: dic
             valid = ~torch.isnan(y[:, j])
             pred = logits[task].float().cpu()[valid]
             if n > 0:
-                total = (pred.argmax(-1) == y[valid, j].long()).sum().item()
+                gold, hit = y[valid, j].long(), pred.argmax(-1) == y[valid, j].long()
+                total = hit.sum().item()
+                for c in gold.unique().tolist():
+                    scores.add_class(kind, task, int(c), int(hit[gold == c].sum()), int((gold == c).sum()))
             else:
                 scale = REGRESSION_SCALES.get((kind, task), (0.0, 1.0))[1]
                 total = ((pred[:, 0] - y[valid, j]).abs() * scale).sum().item()
@@ -565,13 +584,16 @@ def _score_batch(scores: _Scores, heads: EncoderHeads, outputs: dict, batch: dic
 
 @torch.no_grad()
 def evaluate_heads(module: _StageModule, items: Sequence[StageItem], batch_size: int = 64,
-                   device: torch.device | str = "cpu") -> tuple[dict, dict]:
-    """Score the heads on ``items`` -> ``({kind: {task: metric}}, {kind: {task: n}})``.
+                   device: torch.device | str = "cpu") -> tuple[dict, dict, dict]:
+    """Score the heads on ``items`` -> ``({kind: {task: metric}}, {kind: {task: n}},
+    {kind: {task: {class name: recall}}})``.
 
     Metric: accuracy (fraction) for classification, mean absolute error in the value's units
     (e.g. bpm) for regression, and for a dense task the fraction of items holding the finding whose
     highest-scoring cell of the last map (the output tokens, where the encoder has a token layout)
-    overlaps it; tasks with no labelled item are left out.
+    overlaps it; tasks with no labelled item are left out. The recall of each class of a
+    classification task shows what an accuracy hides (a head that always answers "no" on a task
+    that is 70% "no").
     Runs in eval mode (BatchNorm running statistics), restored afterwards.
     """
     was = module.training
@@ -584,7 +606,9 @@ def evaluate_heads(module: _StageModule, items: Sequence[StageItem], batch_size:
             _score_batch(scores, module.heads, outputs, batch)
     finally:
         module.train(was)
-    return scores.result()
+    from medmllm.data.phantoms.labels import LABEL_CLASSES
+
+    return (*scores.result(), scores.class_recall(LABEL_CLASSES))
 
 
 # ============================================================================= the stage
@@ -657,7 +681,8 @@ def train_encoders(model, build_dir: str | Path, cfg: EncoderStageConfig, *,
     the model changes. With ``cfg.resume`` a run directory holding checkpoints is continued.
     ``shapes`` must be the ones the later stages load with (None: what the encoders fix, see
     :func:`medmllm.model.inspect.modality_shapes_for`, as the SFT stages and evaluation use). Returns ``{"val": {kind: {task:
-    accuracy | MAE | hit rate}}, "val_n": {kind: {task: count}}, "kinds", "train_cases", "steps",
+    accuracy | MAE | hit rate}}, "val_n": {kind: {task: count}}, "val_class_recall": {kind: {task: {class:
+    recall}}}, "kinds", "train_cases", "steps",
     "final_loss", "train_seconds", "load_seconds", "samples_per_s", "run_dir"}``.
     """
     from medmllm.data.phantoms.labels import LABEL_TASKS, REGION_TASKS
@@ -733,8 +758,8 @@ def _run(module: _StageModule, train: list[StageItem], val: list[StageItem], kin
     t0 = time.perf_counter()
     out = loop.run()
     train_seconds = time.perf_counter() - t0
-    metrics, counts = evaluate_heads(acc.unwrap_model(loop.model), val, cfg.eval_batch_size, device=acc.device)
-    return {"val": metrics, "val_n": counts, "kinds": kinds, "train_cases": len(train),
+    metrics, counts, recall = evaluate_heads(acc.unwrap_model(loop.model), val, cfg.eval_batch_size, device=acc.device)
+    return {"val": metrics, "val_n": counts, "val_class_recall": recall, "kinds": kinds, "train_cases": len(train),
             "steps": out["step"], "final_loss": out["loss"], "train_seconds": round(train_seconds, 2),
             "samples_per_s": round((out["step"] - start_step) * sampler.global_batch_size / max(train_seconds, 1e-9), 2),
             "dense_pos_weight": pos_weight, "run_dir": str(cfg.run_dir)}
@@ -779,7 +804,8 @@ def run_from_config(recipe, overrides: Sequence[str] = (), progress: bool = True
     tokenizer.save_pretrained(out)
     write_json(Path(cfg.run_dir) / "encoder_metrics.json", metrics)
     return {"stage": "encoder", "model": str(out), "steps": metrics["steps"], "final_loss": metrics["final_loss"],
-            "samples_per_s": metrics["samples_per_s"], "val": metrics["val"]}
+            "samples_per_s": metrics["samples_per_s"], "val": metrics["val"],
+            "val_class_recall": metrics["val_class_recall"]}
 
 
 __all__ = ["EncoderHeads", "EncoderRecipe", "EncoderStageConfig", "MapLayout", "StageItem", "collate", "dense_losses",
