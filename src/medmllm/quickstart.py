@@ -146,7 +146,7 @@ def stage_tokenizer(out: Path, data: Path):
 def stage_encoder(out: Path, data: Path, tok, plan: QuickstartPlan, progress: bool) -> dict:
     from medmllm.config import load_config
     from medmllm.model.builders import small
-    from medmllm.train.encoder_stage import EncoderStageConfig, train_encoders
+    from medmllm.train.encoder_stage import EncoderStageConfig, save_encoder_run, train_encoders
 
     target = out / "encoder" / "model"
     if _done(target):
@@ -156,11 +156,7 @@ def stage_encoder(out: Path, data: Path, tok, plan: QuickstartPlan, progress: bo
                        "batch_size": plan.encoder_batch, "seed": plan.seed,
                        "kind_weights": plan.encoder_kind_weights}, [], schema=EncoderStageConfig)
     metrics = train_encoders(model, data, cfg, progress=progress)
-    model.save_pretrained(target)
-    tok.save_pretrained(target)
-    from medmllm.io import write_json
-
-    write_json(out / "encoder" / "encoder_metrics.json", metrics)
+    save_encoder_run(model, tok, out / "encoder", metrics)
     return metrics
 
 

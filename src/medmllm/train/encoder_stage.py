@@ -780,6 +780,18 @@ class EncoderRecipe(EncoderStageConfig):
             raise ConfigError(f"stage: expected 'encoder' for this recipe, got {self.stage!r}")
 
 
+def save_encoder_run(model, tokenizer, run_dir: str | Path, metrics: dict) -> Path:
+    """Save the model and tokenizer to ``run_dir/model`` and ``metrics`` to ``run_dir/encoder_metrics.json``;
+    returns the model folder (the recipe and the quickstart lay a run out the same way)."""
+    from medmllm.io import write_json
+
+    out = Path(run_dir) / "model"
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    write_json(Path(run_dir) / "encoder_metrics.json", metrics)
+    return out
+
+
 def run_from_config(recipe, overrides: Sequence[str] = (), progress: bool = True) -> dict:
     """Setup -> train -> save: the encoder stage from a recipe YAML (or mapping) with ``key=value`` overrides.
 
@@ -790,19 +802,12 @@ def run_from_config(recipe, overrides: Sequence[str] = (), progress: bool = True
     ``run_dir/encoder_metrics.json``. Config errors (unknown key, missing build) stop it before any training.
     """
     from medmllm.config import load_config
-    from medmllm.io import write_json
     from medmllm.train.sft import load_model
 
     cfg = load_config(recipe, overrides, schema=EncoderRecipe)
-    if not (Path(cfg.data) / "cases.jsonl").is_file():
-        raise InputError(Path(cfg.data), "expected a MedPhantom build folder holding cases.jsonl (medmllm phantoms "
-                                         "--out DIR writes one)")
     model, tokenizer = load_model(cfg.model)
-    metrics = train_encoders(model, cfg.data, cfg, progress=progress)
-    out = Path(cfg.run_dir) / "model"
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    write_json(Path(cfg.run_dir) / "encoder_metrics.json", metrics)
+    metrics = train_encoders(model, cfg.data, cfg, progress=progress)     # a missing build fails first thing
+    out = save_encoder_run(model, tokenizer, cfg.run_dir, metrics)
     return {"stage": "encoder", "model": str(out), "steps": metrics["steps"], "final_loss": metrics["final_loss"],
             "samples_per_s": metrics["samples_per_s"], "val": metrics["val"],
             "val_class_recall": metrics["val_class_recall"]}
@@ -810,5 +815,5 @@ def run_from_config(recipe, overrides: Sequence[str] = (), progress: bool = True
 
 __all__ = ["EncoderHeads", "EncoderRecipe", "EncoderStageConfig", "MapLayout", "StageItem", "collate", "dense_losses",
            "dense_pos_weights", "encode", "evaluate_heads", "feature_stem", "load_items", "make_stage_loss",
-           "map_layouts", "pool_features", "token_layout", "read_cases", "region_box", "run_from_config", "task_losses",
-           "train_encoders"]
+           "map_layouts", "pool_features", "read_cases", "region_box", "run_from_config", "save_encoder_run",
+           "task_losses", "token_layout", "train_encoders"]
