@@ -37,11 +37,7 @@ def _time_rows(engine, messages, rows: int, tokens: int) -> tuple[float, int]:
 
     prepared = [engine.prepare(messages, SamplingParams(max_tokens=tokens)) for _ in range(rows)]
     decode = lambda ids: engine._worker_tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
-    batch = engine._collator([p.example for p in prepared])
-    batch["modality_tokens"] = {}
-    for p in prepared:
-        for kind, t, m in p.encoded:
-            batch["modality_tokens"].setdefault(kind, []).append((t, m))
+    batch = engine.collate(prepared)                                          # as the worker builds it
     out = [Row(p.params, decode, stream=False) for p in prepared]
     stats: dict = {}
     t0 = time.perf_counter()

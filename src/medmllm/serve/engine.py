@@ -243,14 +243,7 @@ class Engine:
         def collate(hs: list[Handle]) -> tuple[dict, list[Row]]:
             rows = [self._row(h, decode) for h in hs]
             active.extend(zip(hs, rows))
-            batch = self._collator([h.prepared.example for h in hs])
-            if batch["ids"] != [h.prepared.id for h in hs]:
-                raise RuntimeError(f"collator dropped {batch['dropped']}")
-            done: dict[str, list] = {}                       # batch order: row by row, then order of appearance
-            for h in hs:
-                for kind, tokens, mask in h.prepared.encoded:
-                    done.setdefault(kind, []).append((tokens, mask))
-            batch["modality_tokens"] = done
+            batch = self.collate([h.prepared for h in hs])
             self.stats["requests"] += len(hs)
             return batch, rows
 
@@ -284,6 +277,21 @@ class Engine:
                     h.send(Failed(err))
             return
         self.stats["forward_passes"] += passes
+
+    def collate(self, prepared: Sequence[Prepared]) -> dict:
+        """The worker's left-padded batch of ``prepared`` requests, in order, carrying their encoded media as
+        ``modality_tokens`` (the raw media tensors are left out: the model does not encode them again).
+        Call it from the worker thread only (it uses the worker's tokenizer)."""
+        batch = self._collator([p.example for p in prepared])
+        if batch["ids"] != [p.id for p in prepared]:
+            raise RuntimeError(f"collator dropped {batch['dropped']}")
+        done: dict[str, list] = {}                           # batch order: row by row, then order of appearance
+        for p in prepared:
+            for kind, tokens, mask in p.encoded:
+                done.setdefault(kind, []).append((tokens, mask))
+        batch["modality_tokens"] = done
+        batch["modality_inputs"] = {k: v for k, v in batch["modality_inputs"].items() if k not in done}
+        return batch
 
     def _row(self, h: Handle, decode) -> Row:
         row = Row(h.prepared.params, decode, cancelled=lambda: h.cancelled, stream=h.stream)

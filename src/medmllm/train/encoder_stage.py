@@ -566,7 +566,8 @@ def _score_batch(scores: _Scores, heads: EncoderHeads, outputs: dict, batch: dic
             valid = ~torch.isnan(y[:, j])
             pred = logits[task].float().cpu()[valid]
             if n > 0:
-                gold, hit = y[valid, j].long(), pred.argmax(-1) == y[valid, j].long()
+                gold = y[valid, j].long()
+                hit = pred.argmax(-1) == gold
                 total = hit.sum().item()
                 for c in gold.unique().tolist():
                     scores.add_class(kind, task, int(c), int(hit[gold == c].sum()), int((gold == c).sum()))
