@@ -38,6 +38,14 @@ def test_summary_groups_and_prior_baseline():
     assert s["headline"]["ehr_rules"] == {"accuracy": None, "n": 0}
 
 
+def test_headline_keeps_the_choice_format_apart_from_the_rhythm_figure():
+    test = [_rec("ecg_rhythm", "ecg", "open", "sinus bradycardia"), _rec("ecg_rhythm", "ecg", "open", "st elevation"),
+            _rec("ecg_rhythm_choice", "ecg", "choice", "B"), _rec("ct_organ_choice", "ct", "choice", "A")]
+    s = summarise(test, ["sinus bradycardia", "normal sinus rhythm", "B", "C"])
+    assert s["headline"]["ecg_rhythm"] == {"accuracy": 0.5, "n": 2}           # the rhythm asked in words
+    assert s["headline"]["multiple_choice_letter"] == {"accuracy": 0.5, "n": 2}   # letters, every modality
+
+
 @pytest.mark.slow
 def test_micro_quickstart_end_to_end(tmp_path):
     from medmllm.quickstart import quickstart

@@ -90,12 +90,16 @@ def summarise(records: list[dict], preds: list[str | None]) -> dict:
     def pool(pred: Callable[[str], bool]) -> dict:
         return acc([s for t, xs in by_tpl.items() if pred(t) for s in xs])
 
+    # One figure per finding the issue names, asked in words; the multiple-choice format (answer with the
+    # option's letter, every modality) is its own figure, so that a format failure does not hide inside
+    # a finding's figure and a finding's figure does not hide a format failure.
     headline = {
         "closed_image_yes_no": pool(lambda t: t.startswith(("xray_", "ct_")) and t.endswith("_yn")),
         "volume_lesion_presence": pool(lambda t: t == "ct3d_lesion_yn"),
-        "ecg_rhythm": pool(lambda t: t in ("ecg_rhythm", "ecg_rhythm_choice")),
+        "ecg_rhythm": pool(lambda t: t == "ecg_rhythm"),
         "ehr_rules": pool(lambda t: t.startswith("ehr_") and t.endswith("_yn")),
         "open_short_answers": pool(lambda t: t in _OPEN_TEMPLATES),
+        "multiple_choice_letter": pool(lambda t: t.endswith("_choice")),
     }
     return {"headline": headline, "by_modality_answer_type": {k: acc(v) for k, v in sorted(by_group.items())},
             "by_template": {k: acc(v) for k, v in sorted(by_tpl.items())}}

@@ -65,10 +65,10 @@ def test_small_size_and_tokens():
     assert type(model.llm).__name__ == "LlamaForCausalLM"
     assert (cfg.hidden_size, cfg.num_hidden_layers) == (256, 4)
     # token counts from the encoder docs (MLP projector keeps them): 4x4 grid + global; 4x2x2 cells + global;
-    # 2500 samples / (5 * 5 * 2); one per EHR feature
+    # 2500 samples / (5 * 5 * 2) + mean and max summary tokens; one per EHR feature
     assert model.num_tokens("image", (1, 128, 128)) == 17
     assert model.num_tokens("volume", (3, 32, 64, 64)) == 17
-    assert model.num_tokens("signal", (12, 2500)) == 50
+    assert model.num_tokens("signal", (12, 2500)) == 50 + 2
     assert model.num_tokens("ehr", (12, 2)) == 12 and model.num_tokens("ehr", (12,)) == 12
     g = torch.Generator().manual_seed(0)
     rec = make_record("r", [media("image", "x"), "What is shown?"], "A chest x-ray.", META)

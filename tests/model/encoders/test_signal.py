@@ -85,3 +85,17 @@ def test_errors_and_builder():
         ECGEncoder(patch=(0, 2))
     one_lead = build_encoder("ecg", n_leads=1, dim=8, depth=1, heads=2, patch=4)
     assert one_lead(_ecg((2, 1, 9))).features.shape == (2, 3, 8) == (2, one_lead.num_tokens((1, 9)), 8)
+
+
+def test_summary_tokens_are_the_masked_mean_and_max_of_the_recording():
+    plain, summ = _enc(), _enc(summary_tokens=True)                       # same seed -> same weights
+    short = _ecg((1, 12, 333), seed=1)
+    batch = torch.cat([_ecg((1, 12, 1000), seed=2), torch.cat([short, torch.full((1, 12, 667), 1e3)], 2)])
+    with torch.no_grad():
+        out = summ(batch, lengths=torch.tensor([1000, 333]))
+        ref = plain(short).features[0]                                      # [7, 16] tokens of the short one
+    assert summ.num_tokens((12, 1000)) == out.features.shape[1] == 20 + 2
+    assert out.mask[:, -2:].all() and out.mask[1, :-2].sum() == 7
+    torch.testing.assert_close(out.features[1, -2], ref.mean(0), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out.features[1, -1], ref.amax(0), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out.features[1, :7], ref, rtol=1e-4, atol=1e-5)

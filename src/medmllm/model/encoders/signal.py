@@ -3,7 +3,8 @@
 Input ``[B, leads, T]`` (samples; optional ``lengths [B]`` for right-padded recordings), output
 tokens ``[B, T', dim]``. Each stem stage with stride ``s`` maps ``L`` samples to ``ceil(L / s)``,
 so ``T' = ceil(...ceil(T / s1) / s2 ...)``; with the default ``patch=(5, 5, 2)`` one token covers
-50 samples (0.1 s at 500 Hz: 10 s -> 100 tokens).
+50 samples (0.1 s at 500 Hz: 10 s -> 100 tokens). ``summary_tokens`` appends two more: the masked
+mean and max over the recording's tokens (what a rhythm classifier pools), ``T' + 2`` in all.
 """
 
 from __future__ import annotations
@@ -51,8 +52,9 @@ class ECGEncoder(ModalityEncoder):
     modality = "signal"
 
     def __init__(self, n_leads: int = 12, dim: int = 256, depth: int = 4, heads: int = 4,
-                 patch: int | Sequence[int] = (5, 5, 2), dropout: float = 0.0):
+                 patch: int | Sequence[int] = (5, 5, 2), dropout: float = 0.0, summary_tokens: bool = False):
         super().__init__(dim)
+        self.summary_tokens = bool(summary_tokens)
         self.n_leads = int(n_leads)
         self.strides = (int(patch),) if isinstance(patch, int) else tuple(int(s) for s in patch)
         if not self.strides or min(self.strides) < 1:
@@ -70,7 +72,7 @@ class ECGEncoder(ModalityEncoder):
             raise InputError("signal", f"expected at least 1 sample, got shape {tuple(input_shape)}")
         for s in self.strides:
             n = _ceil_div(n, s)
-        return n
+        return n + 2 * self.summary_tokens
 
     def _check_lengths(self, lengths: torch.Tensor | None, b: int, t: int, device) -> torch.Tensor:
         if lengths is None:
@@ -96,4 +98,10 @@ class ECGEncoder(ModalityEncoder):
         tokens = tokens + sinusoidal_positions(tokens.shape[1], self.out_dim, x.device, tokens.dtype)
         features = self.encoder(tokens, src_key_padding_mask=~mask)          # [B, T', dim]
         features = features.masked_fill(~mask[:, :, None], 0.0)
+        if self.summary_tokens:                                              # + [mean], [max] -> [B, T'+2, dim]
+            keep = mask[:, :, None]
+            mean = features.sum(1, keepdim=True) / keep.sum(1, keepdim=True).to(features.dtype)
+            peak = features.masked_fill(~keep, float("-inf")).amax(1, keepdim=True)
+            features = torch.cat([features, mean, peak], dim=1)
+            mask = torch.cat([mask, mask.new_ones(b, 2)], dim=1)
         return EncoderOutput(features, mask)
