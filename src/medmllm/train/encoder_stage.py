@@ -44,6 +44,7 @@ from torch.nn import functional as F
 
 from medmllm.data.dataset import ModalityShapes, PartLoader
 from medmllm.errors import ConfigError, InputError
+from medmllm.model.encoders.base import masked_max, masked_mean
 from medmllm.train.sft import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -254,12 +255,7 @@ def pool_features(features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
     Rows without a real token give zeros.
     """
-    m = mask.to(torch.bool).unsqueeze(-1)                                    # [B, N, 1]
-    w = m.to(features.dtype)
-    mean = (features * w).sum(1) / w.sum(1).clamp_min(1.0)                  # [B, D]
-    peak = features.masked_fill(~m, float("-inf")).amax(1)                 # [B, D]
-    peak = torch.where(m.any(1), peak, torch.zeros_like(peak))              # rows with no token -> 0
-    return torch.cat([mean, peak], dim=-1)                                  # [B, 2D]
+    return torch.cat([masked_mean(features, mask), masked_max(features, mask)], dim=-1)   # [B, 2D]
 
 
 class EncoderHeads(nn.Module):

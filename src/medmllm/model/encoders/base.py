@@ -94,6 +94,13 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * w).sum(1) / w.sum(1).clamp_min(1.0)        # [B, D]
 
 
+def masked_max(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Max of ``x [B, N, D]`` over real tokens ``mask [B, N]`` -> ``[B, D]`` (0 for rows with none)."""
+    m = mask.to(torch.bool).unsqueeze(-1)                  # [B, N, 1]
+    peak = x.masked_fill(~m, float("-inf")).amax(1)        # [B, D]
+    return torch.where(m.any(1), peak, torch.zeros_like(peak))
+
+
 def check_heads(dim: int, heads: int) -> None:
     """ConfigError unless ``heads`` is a positive divisor of ``dim``."""
     if heads < 1 or dim % heads:

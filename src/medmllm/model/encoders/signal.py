@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from medmllm.errors import ConfigError, InputError
-from medmllm.model.encoders.base import (EncoderOutput, ModalityEncoder, check_input, trailing,
-                                         transformer_encoder)
+from medmllm.model.encoders.base import (EncoderOutput, ModalityEncoder, check_input, masked_max, masked_mean,
+                                         trailing, transformer_encoder)
 
 
 def sinusoidal_positions(n: int, dim: int, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -99,9 +99,7 @@ class ECGEncoder(ModalityEncoder):
         features = self.encoder(tokens, src_key_padding_mask=~mask)          # [B, T', dim]
         features = features.masked_fill(~mask[:, :, None], 0.0)
         if self.summary_tokens:                                              # + [mean], [max] -> [B, T'+2, dim]
-            keep = mask[:, :, None]
-            mean = features.sum(1, keepdim=True) / keep.sum(1, keepdim=True).to(features.dtype)
-            peak = features.masked_fill(~keep, float("-inf")).amax(1, keepdim=True)
-            features = torch.cat([features, mean, peak], dim=1)
+            summary = torch.stack([masked_mean(features, mask), masked_max(features, mask)], dim=1)  # [B, 2, dim]
+            features = torch.cat([features, summary], dim=1)
             mask = torch.cat([mask, mask.new_ones(b, 2)], dim=1)
         return EncoderOutput(features, mask)
