@@ -1,10 +1,14 @@
-"""Load on the OpenAI-compatible server: 1, 8 and 32 concurrent clients on loopback vs a naive baseline.
+"""Load on the OpenAI-compatible server: 1, 8 and 32 concurrent clients on loopback vs naive baselines.
 
-The model: ``medmllm.model.builders.small`` (untrained: throughput does not depend on the weights),
-with the LM-head rows of the end-of-turn ids zeroed (logit exactly 0 while the others spread around
-0) so answers run to ``max_tokens`` on both sides and the token counts compare. Saved with
-``save_pretrained`` and served by ``medmllm.serve`` (dynamic batching, ``--max-batch``) in a child
-process (uvicorn on a free loopback port).
+The model (``--model llava``, the default): an exportable image-only MedMLLM, as in
+bench/train_throughput.py (a SigLIP tower from a config, 128 px, patch 16 -> 64 image tokens, width 192,
+4 layers -> MLP projector -> a Llama of width 256, 4 layers) with ``medmllm.model.builders.small``'s
+tokenizer; or ``--model small`` (the quickstart's architecture, CNN image encoder, not exportable to
+Llava). Untrained: throughput does not depend on the weights. The LM-head rows of the end-of-turn ids are
+zeroed (logit exactly 0 while the others spread around 0), so answers run to ``max_tokens`` on every side
+and the token counts compare. Saved with ``save_pretrained`` (and, for ``llava``, exported with
+``medmllm export``'s ``export_hf_llava``) and served by ``medmllm.serve`` (dynamic batching,
+``--max-batch``) in a child process (uvicorn on a free loopback port).
 
 Each load level runs closed-loop clients (threads with keep-alive ``http.client`` connections in this
 process) for ``--duration`` seconds: every client sends its next request as soon as the previous one
@@ -15,13 +19,20 @@ arrives while others decode joins them at the next step. Measured: completed req
 latency p50/p99, error count (non-200 answers and connection errors), the mean number of rows per
 decode step and how many requests joined a running batch (engine stats from ``/health``).
 
-The naive baseline, in the same run: the same model loaded in this process, the same prompts and
-file, one request at a time through ``PartLoader`` -> ``MultimodalCollator`` ->
-``medmllm.model.generate.generate`` (HF-style greedy with KV cache, no server, no batching), for the
-same total duration, run half before and half after the load levels (the machine's load drifts; both
-halves are reported). ``ratio`` = server tokens/s / baseline tokens/s (both halves together).
+Naive baselines, in the same run, one request at a time in this process (no server, no batching), the
+same prompts and PNG, each for the same total duration, run half before and half after the load levels
+(the machine's load drifts; both halves are reported):
 
-    python bench/serve_load.py [--duration 20] [--clients 1,8,32] [--max-tokens 32] [--threads 1]
+- ``hf_generate`` (``--model llava`` only; the issue's baseline): ``transformers``' own
+  ``LlavaForConditionalGeneration.generate`` on the exported folder, inputs from its ``LlavaProcessor``
+  (the PNG decoded per request), greedy;
+- ``medmllm_generate``: ``PartLoader`` -> ``MultimodalCollator`` -> ``medmllm.model.generate.generate_ids``
+  (greedy with KV cache), the stricter baseline: the server's own decode code without batching.
+
+``ratio`` = server tokens/s / baseline tokens/s (both halves together), one per baseline.
+
+    python bench/serve_load.py [--model llava|small] [--duration 20] [--clients 1,8,32] [--max-tokens 32]
+                               [--threads 1]
 
 Results -> bench/results/serve_load.json. One torch thread by default (see
 bench/generation_throughput.py: on a shared 2-core machine two OpenMP threads compete badly).
@@ -49,22 +60,47 @@ QUESTIONS = ["Is there a pleural effusion?", "Describe the image.", "Is the hear
              "Findings?"]
 
 
-def build_model(out: Path, seed: int = 0) -> dict:
-    """The small model, end-of-turn logits pinned at 0, saved to ``out``; returns its parameter counts."""
+def _pin_end_of_turn(model, tok) -> None:
+    """Zero the LM-head rows of the end-of-turn ids: their logit is exactly 0, so greedy never picks them."""
     import torch
 
-    from medmllm.model.builders import small
-
-    model, tok = small(seed=seed)
     with torch.no_grad():
         cfg = model.llm.config.eos_token_id
         eos = {tok.eos_token_id, *(cfg if isinstance(cfg, (list, tuple)) else [cfg])} - {None}
         for i in eos:
             model.llm.lm_head.weight[i] = 0.0
+
+
+def _train_throughput_bench():
+    """bench/train_throughput.py as a module (its exportable SigLIP -> MLP -> Llama builder)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_throughput_bench", Path(__file__).parent / "train_throughput.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def build_model(out: Path, kind: str = "llava", seed: int = 0) -> dict:
+    """The bench model (end-of-turn logits pinned at 0) saved to ``out``; for ``llava`` also exported to
+    ``out / "hf_llava"``. Returns its parameter counts."""
+    from medmllm.model.builders import small
+
+    if kind not in ("llava", "small"):
+        raise SystemExit(f"--model: expected 'llava' or 'small', got {kind!r}")
+    model, tok = small(seed=seed)
+    if kind == "llava":                                  # small's tokenizer, an exportable model
+        model = _train_throughput_bench().build_model(tok, seed=seed)
+    _pin_end_of_turn(model, tok)
     model.save_pretrained(out)
     tok.save_pretrained(out)
+    if kind == "llava":
+        from medmllm.model.export import export_hf_llava
+
+        export_hf_llava(model, tok, out / "hf_llava")
     return {"total": sum(p.numel() for p in model.parameters()),
-            "llm": sum(p.numel() for p in model.llm.parameters())}
+            "llm": sum(p.numel() for p in model.llm.parameters()),
+            "image_tokens": model.num_tokens("image", (3, 128, 128))}
 
 
 def phantom_png() -> bytes:
@@ -80,7 +116,7 @@ def phantom_png() -> bytes:
 
 # ----------------------------------------------------------------------------- server (child process)
 
-def _serve(model_dir: str, threads: int, max_batch: int, queue_size: int, port_box) -> None:
+def _serve(model_dir: str, model_id: str, threads: int, max_batch: int, queue_size: int, port_box) -> None:
     import torch
     import uvicorn
 
@@ -88,7 +124,7 @@ def _serve(model_dir: str, threads: int, max_batch: int, queue_size: int, port_b
     from medmllm.serve.engine import Engine
 
     torch.set_num_threads(threads)
-    engine = Engine.from_pretrained(model_dir, max_batch=max_batch, queue_size=queue_size, model_id="small")
+    engine = Engine.from_pretrained(model_dir, max_batch=max_batch, queue_size=queue_size, model_id=model_id)
     server = uvicorn.Server(uvicorn.Config(create_app(engine, close_engine_on_shutdown=True), host="127.0.0.1",
                                            port=0, log_level="warning", access_log=False))
 
@@ -163,7 +199,7 @@ def load_level(port: int, bodies: list[bytes], clients: int, duration: float) ->
 
 # ----------------------------------------------------------------------------- baseline
 
-def baseline(model_dir: Path, png: bytes, max_tokens: int, duration: float) -> dict:
+def medmllm_baseline(model_dir: Path, png: bytes, max_tokens: int, duration: float) -> dict:
     """Sequential, unbatched: PartLoader -> collator -> medmllm.model.generate.generate, one request at a time."""
     from medmllm.data.collate import MultimodalCollator
     from medmllm.data.dataset import PartLoader, RecordDataset
@@ -182,22 +218,54 @@ def baseline(model_dir: Path, png: bytes, max_tokens: int, duration: float) -> d
         records = [make_record(f"b{i}", [media("image", str(path)), q], None, {"dataset": "bench", "split": "test"})
                    for i, q in enumerate(QUESTIONS)]
         ds = RecordDataset(records, loader, base_dir=tmp)
-        lat, tokens, i = [], 0, 0
-        t_start = time.perf_counter()
-        while time.perf_counter() - t_start < duration:
-            t0 = time.perf_counter()
+
+        def answer(i: int) -> int:
             batch = collate([ds[i % len(ds)]])            # the file is read per request, as the server does
             rows = generate_ids(model, batch, tok, max_new_tokens=max_tokens)
             tok.decode(rows[0], skip_special_tokens=True)
-            tokens += len(rows[0])
-            lat.append(time.perf_counter() - t0)
-            i += 1
-        wall = time.perf_counter() - t_start
+            return len(rows[0])
+
+        return sequential(answer, duration)
+
+
+def sequential(answer, duration: float) -> dict:
+    """Call ``answer(i) -> new tokens`` for request i = 0, 1, ... until ``duration`` seconds have passed."""
+    lat, tokens, i = [], 0, 0
+    t_start = time.perf_counter()
+    while time.perf_counter() - t_start < duration:
+        t0 = time.perf_counter()
+        tokens += answer(i)
+        lat.append(time.perf_counter() - t0)
+        i += 1
+    wall = time.perf_counter() - t_start
     lat_ms = np.array(lat) * 1000.0
     return {"requests": i, "completion_tokens": tokens, "wall_s": round(wall, 2),
             "tokens_per_s": round(tokens / wall, 2), "requests_per_s": round(i / wall, 3),
             "latency_ms_p50": round(float(np.percentile(lat_ms, 50)), 1),
             "latency_ms_p99": round(float(np.percentile(lat_ms, 99)), 1)}
+
+
+def hf_baseline(llava_dir: Path, png: bytes, max_tokens: int, duration: float) -> dict:
+    """Sequential, unbatched: transformers' LlavaProcessor -> LlavaForConditionalGeneration.generate (greedy)."""
+    import torch
+    from PIL import Image
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(llava_dir).eval()
+    processor = AutoProcessor.from_pretrained(llava_dir)
+    prompts = [processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}],
+                                             add_generation_prompt=True) for q in QUESTIONS]
+
+    def answer(i: int) -> int:
+        image = Image.open(io.BytesIO(png)).convert("RGB")     # decoded per request, as the server does
+        inputs = processor(images=image, text=prompts[i % len(prompts)], return_tensors="pt")
+        with torch.inference_mode():
+            out = model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False)
+        new = out[0, inputs["input_ids"].shape[1]:]
+        processor.decode(new, skip_special_tokens=True)
+        return int(new.numel())
+
+    return sequential(answer, duration)
 
 
 def combine(a: dict, b: dict) -> dict:
@@ -210,9 +278,19 @@ def combine(a: dict, b: dict) -> dict:
 
 # ----------------------------------------------------------------------------- main
 
+def run_baselines(kind: str, model_dir: Path, png: bytes, max_tokens: int, duration: float) -> dict:
+    """Each baseline for ``duration`` seconds: {name: result}."""
+    out = {"medmllm_generate": medmllm_baseline(model_dir, png, max_tokens, duration)}
+    if kind == "llava":
+        out["hf_generate"] = hf_baseline(model_dir / "hf_llava", png, max_tokens, duration)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--duration", type=float, default=20.0, help="seconds per load level (and for the baseline)")
+    ap.add_argument("--model", default="llava", choices=["llava", "small"],
+                    help="llava: exportable SigLIP model, both baselines; small: the quickstart's architecture")
+    ap.add_argument("--duration", type=float, default=20.0, help="seconds per load level (and per baseline)")
     ap.add_argument("--clients", default="1,8,32")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--max-batch", type=int, default=32)
@@ -233,13 +311,13 @@ def main() -> None:
                                                                      {"type": "text", "text": q}]}],
                           "max_tokens": args.max_tokens, "temperature": 0}).encode() for q in QUESTIONS]
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = Path(tmp) / "small"
-        params = build_model(model_dir)
-        base_before = baseline(model_dir, png, args.max_tokens, args.duration / 2)
+        model_dir = Path(tmp) / args.model
+        params = build_model(model_dir, args.model)
+        before = run_baselines(args.model, model_dir, png, args.max_tokens, args.duration / 2)
         ctx = mp.get_context("spawn")
         port_box = ctx.Queue()
-        proc = ctx.Process(target=_serve, args=(str(model_dir), args.threads, args.max_batch, 4 * max(levels),
-                                                port_box), daemon=True)
+        proc = ctx.Process(target=_serve, args=(str(model_dir), args.model, args.threads, args.max_batch,
+                                                4 * max(levels), port_box), daemon=True)
         proc.start()
         try:
             port = port_box.get(timeout=300)
@@ -255,21 +333,24 @@ def main() -> None:
             proc.join(10)
             port_box.close()
             port_box.join_thread()
-        base_after = baseline(model_dir, png, args.max_tokens, args.duration / 2)
-    base = combine(base_before, base_after)
-    print(f"baseline (sequential generate, half before and half after the load): {base['tokens_per_s']} tok/s "
-          f"({base_before['tokens_per_s']} before, {base_after['tokens_per_s']} after), "
-          f"{base['requests_per_s']} req/s")
+        after = run_baselines(args.model, model_dir, png, args.max_tokens, args.duration / 2)
+    baselines = {}
+    for name in before:
+        base = combine(before[name], after[name])
+        baselines[name] = {"combined": base, "before_load": before[name], "after_load": after[name]}
+        print(f"baseline {name} (sequential, half before and half after the load): {base['tokens_per_s']} tok/s "
+              f"({before[name]['tokens_per_s']} before, {after[name]['tokens_per_s']} after), "
+              f"{base['requests_per_s']} req/s")
     for r in results.values():
-        r["ratio_tokens_per_s_vs_baseline"] = round(r["tokens_per_s"] / base["tokens_per_s"], 2)
-        print(f"{r['clients']:>3} clients: {r['ratio_tokens_per_s_vs_baseline']}x the baseline")
+        for name, b in baselines.items():
+            r[f"ratio_tokens_per_s_vs_{name}"] = round(r["tokens_per_s"] / b["combined"]["tokens_per_s"], 2)
+        print(f"{r['clients']:>3} clients: " + ", ".join(f"{r[f'ratio_tokens_per_s_vs_{n}']}x {n}" for n in baselines))
     report = {"benchmark": "serve_load",
               "unit": "generated tokens / s over the wall time; latency per request (ms), loopback HTTP included",
-              "model": {"builder": "small (untrained; end-of-turn logits pinned at 0)", "params": params,
+              "model": {"kind": args.model, "params": params, "untrained": True, "end_of_turn_logits": "pinned at 0",
                         "request": f"one 128 px PNG data URL + a question, max_tokens {args.max_tokens}, greedy"},
               "server": {"max_batch": args.max_batch, "queue_size": 4 * max(levels), "batch_window_ms": 5.0},
-              "duration_s": args.duration, "results": results,
-              "baseline_sequential_generate": {"combined": base, "before_load": base_before, "after_load": base_after},
+              "duration_s": args.duration, "results": results, "baselines": baselines,
               "env": {"torch": torch.__version__, "threads": args.threads, "python": platform.python_version(),
                       "cpus": os.cpu_count(), "loadavg_before": [round(x, 2) for x in load_before],
                       "loadavg_after": [round(x, 2) for x in os.getloadavg()]},

@@ -6,9 +6,7 @@ token_lengths agrees with both; image_records keeps single-image records only.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,22 +25,14 @@ QA = [("Is there a pleural effusion?", "yes"),
       ("Describe the image.", "The lungs are clear. There is no pneumothorax.")]
 
 
-def _bench():
-    path = Path(__file__).resolve().parents[2] / "bench" / "train_throughput.py"
-    spec = importlib.util.spec_from_file_location("train_throughput_bench", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, bench_script):
     """Two records over grayscale PNGs of different shapes, a tiny exportable model and its export."""
     from transformers import LlavaProcessor
 
     from medmllm.model.export import export_hf_llava
 
-    bench = _bench()
+    bench = bench_script("train_throughput")
     tmp = tmp_path_factory.mktemp("collate")
     rng = np.random.default_rng(0)
     records = []
