@@ -84,13 +84,16 @@ def _train_throughput_bench():
 def build_model(out: Path, kind: str = "llava", seed: int = 0) -> dict:
     """The bench model (end-of-turn logits pinned at 0) saved to ``out``; for ``llava`` also exported to
     ``out / "hf_llava"``. Returns its parameter counts."""
+    from medmllm.data.tokenizers import build_tokenizer
     from medmllm.model.builders import small
 
-    if kind not in ("llava", "small"):
-        raise SystemExit(f"--model: expected 'llava' or 'small', got {kind!r}")
-    model, tok = small(seed=seed)
-    if kind == "llava":                                  # small's tokenizer, an exportable model
+    if kind == "small":
+        model, tok = small(seed=seed)
+    elif kind == "llava":                                # small's tokenizer (the llama3 BPE), an exportable model
+        tok = build_tokenizer("llama3")
         model = _train_throughput_bench().build_model(tok, seed=seed)
+    else:
+        raise SystemExit(f"--model: expected 'llava' or 'small', got {kind!r}")
     _pin_end_of_turn(model, tok)
     model.save_pretrained(out)
     tok.save_pretrained(out)
