@@ -20,8 +20,10 @@ latency p50/p99, error count (non-200 answers and connection errors), the mean n
 decode step and how many requests joined a running batch (engine stats from ``/health``).
 
 Naive baselines, in the same run, one request at a time in this process (no server, no batching), the
-same prompts and PNG, each for the same total duration, run half before and half after the load levels
-(the machine's load drifts; both halves are reported):
+same prompts and PNG. The machine's speed drifts (a shared VM: the same baseline has measured 250 and
+360 tokens/s minutes apart), so each load level is bracketed by its own baseline runs: every baseline
+for ``duration / 4`` seconds just before the level and again just after it (both halves reported), and
+the level's ratios are against those two halves together:
 
 - ``hf_generate`` (``--model llava`` only; the issue's baseline): ``transformers``' own
   ``LlavaForConditionalGeneration.generate`` on the exported folder, inputs from its ``LlavaProcessor``
@@ -29,10 +31,10 @@ same prompts and PNG, each for the same total duration, run half before and half
 - ``medmllm_generate``: ``PartLoader`` -> ``MultimodalCollator`` -> ``medmllm.model.generate.generate_ids``
   (greedy with KV cache), the stricter baseline: the server's own decode code without batching.
 
-``ratio`` = server tokens/s / baseline tokens/s (both halves together), one per baseline.
+``ratio`` = the level's server tokens/s / its bracketing baseline tokens/s, one per baseline.
 
     python bench/serve_load.py [--model llava|small] [--duration 20] [--clients 1,8,32] [--max-tokens 32]
-                               [--threads 1]
+                               [--threads 1] [--prepare-lanes 1] [--prefill-on request|worker]
 
 Results -> bench/results/serve_load.json. One torch thread by default (see
 bench/generation_throughput.py: on a shared 2-core machine two OpenMP threads compete badly).
@@ -119,7 +121,8 @@ def phantom_png() -> bytes:
 
 # ----------------------------------------------------------------------------- server (child process)
 
-def _serve(model_dir: str, model_id: str, threads: int, max_batch: int, queue_size: int, port_box) -> None:
+def _serve(model_dir: str, model_id: str, threads: int, max_batch: int, queue_size: int, port_box,
+           prepare_lanes: int = 1, prefill_on: str = "request") -> None:
     import torch
     import uvicorn
 
@@ -127,7 +130,8 @@ def _serve(model_dir: str, model_id: str, threads: int, max_batch: int, queue_si
     from medmllm.serve.engine import Engine
 
     torch.set_num_threads(threads)
-    engine = Engine.from_pretrained(model_dir, max_batch=max_batch, queue_size=queue_size, model_id=model_id)
+    engine = Engine.from_pretrained(model_dir, max_batch=max_batch, queue_size=queue_size, model_id=model_id,
+                                    prepare_lanes=prepare_lanes, prefill_on_request_thread=prefill_on == "request")
     server = uvicorn.Server(uvicorn.Config(create_app(engine, close_engine_on_shutdown=True), host="127.0.0.1",
                                            port=0, log_level="warning", access_log=False))
 
@@ -202,8 +206,9 @@ def load_level(port: int, bodies: list[bytes], clients: int, duration: float) ->
 
 # ----------------------------------------------------------------------------- baseline
 
-def medmllm_baseline(model_dir: Path, png: bytes, max_tokens: int, duration: float) -> dict:
-    """Sequential, unbatched: PartLoader -> collator -> medmllm.model.generate.generate, one request at a time."""
+def medmllm_answer(model_dir: Path, png: bytes, max_tokens: int, work: Path):
+    """``answer(i) -> new tokens`` for request i, unbatched: PartLoader -> collator ->
+    medmllm.model.generate.generate_ids (the PNG written once under ``work``, read per request)."""
     from medmllm.data.collate import MultimodalCollator
     from medmllm.data.dataset import PartLoader, RecordDataset
     from medmllm.data.records import make_record, media
@@ -215,20 +220,19 @@ def medmllm_baseline(model_dir: Path, png: bytes, max_tokens: int, duration: flo
     model, tok = MedMLLM.from_pretrained(model_dir).eval(), load_tokenizer(model_dir)
     collate = MultimodalCollator(tok, 4096, model.num_tokens, train=False)
     loader = PartLoader(modality_shapes_for(model))
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "x.png"
-        path.write_bytes(png)
-        records = [make_record(f"b{i}", [media("image", str(path)), q], None, {"dataset": "bench", "split": "test"})
-                   for i, q in enumerate(QUESTIONS)]
-        ds = RecordDataset(records, loader, base_dir=tmp)
+    path = Path(work) / "baseline.png"
+    path.write_bytes(png)
+    records = [make_record(f"b{i}", [media("image", str(path)), q], None, {"dataset": "bench", "split": "test"})
+               for i, q in enumerate(QUESTIONS)]
+    ds = RecordDataset(records, loader, base_dir=work)
 
-        def answer(i: int) -> int:
-            batch = collate([ds[i % len(ds)]])            # the file is read per request, as the server does
-            rows = generate_ids(model, batch, tok, max_new_tokens=max_tokens)
-            tok.decode(rows[0], skip_special_tokens=True)
-            return len(rows[0])
+    def answer(i: int) -> int:
+        batch = collate([ds[i % len(ds)]])                # the file is read per request, as the server does
+        rows = generate_ids(model, batch, tok, max_new_tokens=max_tokens)
+        tok.decode(rows[0], skip_special_tokens=True)
+        return len(rows[0])
 
-        return sequential(answer, duration)
+    return answer
 
 
 def sequential(answer, duration: float) -> dict:
@@ -248,8 +252,9 @@ def sequential(answer, duration: float) -> dict:
             "latency_ms_p99": round(float(np.percentile(lat_ms, 99)), 1)}
 
 
-def hf_baseline(llava_dir: Path, png: bytes, max_tokens: int, duration: float) -> dict:
-    """Sequential, unbatched: transformers' LlavaProcessor -> LlavaForConditionalGeneration.generate (greedy)."""
+def hf_answer(llava_dir: Path, png: bytes, max_tokens: int):
+    """``answer(i) -> new tokens`` for request i, unbatched: transformers' LlavaProcessor ->
+    LlavaForConditionalGeneration.generate (greedy)."""
     import torch
     from PIL import Image
     from transformers import AutoProcessor, LlavaForConditionalGeneration
@@ -268,7 +273,7 @@ def hf_baseline(llava_dir: Path, png: bytes, max_tokens: int, duration: float) -
         processor.decode(new, skip_special_tokens=True)
         return int(new.numel())
 
-    return sequential(answer, duration)
+    return answer
 
 
 def combine(a: dict, b: dict) -> dict:
@@ -281,12 +286,22 @@ def combine(a: dict, b: dict) -> dict:
 
 # ----------------------------------------------------------------------------- main
 
-def run_baselines(kind: str, model_dir: Path, png: bytes, max_tokens: int, duration: float) -> dict:
-    """Each baseline for ``duration`` seconds: {name: result}."""
-    out = {"medmllm_generate": medmllm_baseline(model_dir, png, max_tokens, duration)}
+def baseline_answers(kind: str, model_dir: Path, png: bytes, max_tokens: int) -> dict:
+    """{baseline name: ``answer(i)``}: ``medmllm_generate`` always, ``hf_generate`` for ``llava``."""
+    out = {"medmllm_generate": medmllm_answer(model_dir, png, max_tokens, model_dir)}
     if kind == "llava":
-        out["hf_generate"] = hf_baseline(model_dir / "hf_llava", png, max_tokens, duration)
+        out["hf_generate"] = hf_answer(model_dir / "hf_llava", png, max_tokens)
     return out
+
+
+def bracketed(answers: dict, duration: float, run_level) -> tuple[dict, dict]:
+    """Every baseline for ``duration / 4`` s, then ``run_level()``, then every baseline again: the level's
+    result and {baseline name: {"combined", "before_load", "after_load"}}."""
+    before = {name: sequential(a, duration / 4) for name, a in answers.items()}
+    result = run_level()
+    after = {name: sequential(a, duration / 4) for name, a in answers.items()}
+    return result, {name: {"combined": combine(before[name], after[name]), "before_load": before[name],
+                           "after_load": after[name]} for name in answers}
 
 
 def main() -> None:
@@ -298,6 +313,10 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--prepare-lanes", type=int, default=1, help="the engine's prepare_lanes (requests encoding and "
+                    "prefilling at once)")
+    ap.add_argument("--prefill-on", default="request", choices=["request", "worker"],
+                    help="where prompts are prefilled: on the request threads (default) or on the decode worker")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "serve_load.json")
     args = ap.parse_args()
     import torch
@@ -316,44 +335,43 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / args.model
         params = build_model(model_dir, args.model)
-        before = run_baselines(args.model, model_dir, png, args.max_tokens, args.duration / 2)
+        answers = baseline_answers(args.model, model_dir, png, args.max_tokens)
+        for a in answers.values():
+            a(0)                                                           # warm-up
         ctx = mp.get_context("spawn")
         port_box = ctx.Queue()
         proc = ctx.Process(target=_serve, args=(str(model_dir), args.model, args.threads, args.max_batch,
-                                                4 * max(levels), port_box), daemon=True)
+                                                4 * max(levels), port_box, args.prepare_lanes,
+                                                args.prefill_on), daemon=True)
         proc.start()
         try:
             port = port_box.get(timeout=300)
             load_level(port, bodies[:1], 1, 2.0)                           # warm-up (first calls are slow)
             results = {}
             for c in levels:
-                results[f"clients_{c}"] = r = load_level(port, bodies, c, args.duration)
+                r, base = bracketed(answers, args.duration, lambda: load_level(port, bodies, c, args.duration))
+                r["baselines"] = base
+                for name, b in base.items():
+                    r[f"ratio_tokens_per_s_vs_{name}"] = round(r["tokens_per_s"] / b["combined"]["tokens_per_s"], 2)
+                results[f"clients_{c}"] = r
                 print(f"{c:>3} clients: {r['tokens_per_s']} tok/s, {r['requests_per_s']} req/s, p50 "
                       f"{r['latency_ms_p50']} ms, p99 {r['latency_ms_p99']} ms, errors {r['errors']}, "
-                      f"mean rows per step {r['mean_rows_per_decode_step']}", flush=True)
+                      f"mean rows per step {r['mean_rows_per_decode_step']}; " + ", ".join(
+                          f"{r[f'ratio_tokens_per_s_vs_{n}']}x {n} ({b['combined']['tokens_per_s']} tok/s: "
+                          f"{b['before_load']['tokens_per_s']} before, {b['after_load']['tokens_per_s']} after)"
+                          for n, b in base.items()), flush=True)
         finally:
             proc.terminate()
             proc.join(10)
             port_box.close()
             port_box.join_thread()
-        after = run_baselines(args.model, model_dir, png, args.max_tokens, args.duration / 2)
-    baselines = {}
-    for name in before:
-        base = combine(before[name], after[name])
-        baselines[name] = {"combined": base, "before_load": before[name], "after_load": after[name]}
-        print(f"baseline {name} (sequential, half before and half after the load): {base['tokens_per_s']} tok/s "
-              f"({before[name]['tokens_per_s']} before, {after[name]['tokens_per_s']} after), "
-              f"{base['requests_per_s']} req/s")
-    for r in results.values():
-        for name, b in baselines.items():
-            r[f"ratio_tokens_per_s_vs_{name}"] = round(r["tokens_per_s"] / b["combined"]["tokens_per_s"], 2)
-        print(f"{r['clients']:>3} clients: " + ", ".join(f"{r[f'ratio_tokens_per_s_vs_{n}']}x {n}" for n in baselines))
     report = {"benchmark": "serve_load",
               "unit": "generated tokens / s over the wall time; latency per request (ms), loopback HTTP included",
               "model": {"kind": args.model, "params": params, "untrained": True, "end_of_turn_logits": "pinned at 0",
                         "request": f"one 128 px PNG data URL + a question, max_tokens {args.max_tokens}, greedy"},
-              "server": {"max_batch": args.max_batch, "queue_size": 4 * max(levels), "batch_window_ms": 5.0},
-              "duration_s": args.duration, "results": results, "baselines": baselines,
+              "server": {"max_batch": args.max_batch, "queue_size": 4 * max(levels), "batch_window_ms": 5.0,
+                         "prepare_lanes": args.prepare_lanes, "prefill_on": args.prefill_on},
+              "duration_s": args.duration, "results": results,
               "env": {"torch": torch.__version__, "threads": args.threads, "python": platform.python_version(),
                       "cpus": os.cpu_count(), "loadavg_before": [round(x, 2) for x in load_before],
                       "loadavg_after": [round(x, 2) for x in os.getloadavg()]},

@@ -28,14 +28,35 @@ def test_build_model_saves_and_exports(bench_model):
 
 
 @pytest.mark.parametrize("side", ["hf", "medmllm"])
-def test_baseline_answers_run_to_max_tokens(bench_model, side):
+def test_baseline_answers_run_to_max_tokens(bench_model, side, tmp_path):
     bench, out, _ = bench_model
     png = bench.phantom_png()
-    run = bench.hf_baseline if side == "hf" else bench.medmllm_baseline
-    path = out / "hf_llava" if side == "hf" else out
-    r = run(path, png, max_tokens=5, duration=0.3)
+    answer = bench.hf_answer(out / "hf_llava", png, 5) if side == "hf" else \
+        bench.medmllm_answer(out, png, 5, tmp_path)
+    r = bench.sequential(answer, duration=0.3)
     assert r["requests"] >= 1
     assert r["completion_tokens"] == 5 * r["requests"]       # end-of-turn never chosen: every answer is full
+
+
+def test_bracketed_runs_every_baseline_before_and_after_the_level(bench_script):
+    bench = bench_script("serve_load")
+    calls = []
+
+    def answer_for(name):
+        def answer(i):
+            calls.append(name)
+            return 3
+        return answer
+
+    result, base = bench.bracketed({"a": answer_for("a"), "b": answer_for("b")}, 0.08,
+                                   lambda: calls.append("level") or {"tokens_per_s": 1.0})
+    assert result == {"tokens_per_s": 1.0}
+    level = calls.index("level")
+    assert {"a", "b"} <= set(calls[:level]) and {"a", "b"} <= set(calls[level + 1:])
+    for name in "ab":
+        b = base[name]
+        assert b["combined"]["requests"] == b["before_load"]["requests"] + b["after_load"]["requests"]
+        assert b["combined"]["completion_tokens"] == 3 * b["combined"]["requests"]
 
 
 def test_unknown_model_kind_is_refused(tmp_path, bench_script):

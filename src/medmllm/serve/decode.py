@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from medmllm.model.generate import eos_ids, model_inputs  # the exact inputs generate() feeds
 
@@ -138,10 +139,10 @@ def pick(logits: torch.Tensor, rows: Sequence[Row]) -> torch.Tensor:
 
 
 @dataclass
-class _State:
+class DecodeState:
     """A running batch: its KV cache (length ``length``), next-token ``logits [b, V]``, ``attention [b, length]``
     (None while no row has padding or masked positions: no mask is passed, as generate() does),
-    ``next_pos [b, 1]`` and the rows, in batch order."""
+    ``next_pos [b, 1]`` and the rows, in batch order (empty until :func:`run_batch` attaches them)."""
 
     cache: object
     logits: torch.Tensor
@@ -151,22 +152,35 @@ class _State:
     length: int
 
 
-def _prefill(model, batch: dict, rows: Sequence[Row]) -> _State:
-    """Run the prompts of a collated left-padded ``batch`` (``rows[i]`` is row ``i``) through the model."""
+@torch.inference_mode()
+def prefill(model, batch: dict) -> DecodeState:
+    """Run the prompts of a collated left-padded ``batch`` through the model: the state to decode from,
+    without rows. Any thread may call it (the engine prefills each request on the thread that prepared it,
+    so prompts are read while the worker decodes); :func:`run_batch` takes the state in place of the batch."""
     inputs = model_inputs(model, batch)
     embeds, attention, positions = model.embed_inputs(**inputs)                 # [B, L, H], [B, L], [B, L]
-    for row in rows:
-        if row.params.temperature > 0:
-            seed = row.params.seed if row.params.seed is not None else int.from_bytes(os.urandom(8), "little")
-            row.generator = torch.Generator(device=embeds.device).manual_seed(seed & 0xFFFF_FFFF_FFFF_FFFF)
     out = model.llm(inputs_embeds=embeds, attention_mask=attention, position_ids=positions, use_cache=True,
                     logits_to_keep=1)
     full = attention is None or bool(attention.all())
-    return _State(out.past_key_values, out.logits[:, -1].float(), None if full else attention,
-                  positions[:, -1:] + 1, list(rows), int(embeds.shape[1]))
+    return DecodeState(out.past_key_values, out.logits[:, -1].float(), None if full else attention,
+                       positions[:, -1:] + 1, [], int(embeds.shape[1]))
 
 
-def _step(model, st: _State, tok: torch.Tensor) -> None:
+def _start(model, start: "dict | DecodeState", rows: Sequence[Row]) -> tuple[DecodeState, int]:
+    """``start`` (a collated batch, prefilled here, or a :func:`prefill` state) with ``rows`` attached and
+    seeded; returns it and the forward passes run (1 or 0)."""
+    st, passes = (start, 0) if isinstance(start, DecodeState) else (prefill(model, start), 1)
+    if st.logits.shape[0] != len(rows):
+        raise ValueError(f"{len(rows)} rows for a batch of {st.logits.shape[0]}")
+    st.rows = list(rows)
+    for row in rows:
+        if row.params.temperature > 0:
+            seed = row.params.seed if row.params.seed is not None else int.from_bytes(os.urandom(8), "little")
+            row.generator = torch.Generator(device=st.logits.device).manual_seed(seed & 0xFFFF_FFFF_FFFF_FFFF)
+    return st, passes
+
+
+def _step(model, st: DecodeState, tok: torch.Tensor) -> None:
     """Feed ``tok [b]`` (one token per row) and advance the state by one position."""
     if st.attention is not None:                                                  # the mask grows with the cache
         st.attention = torch.cat([st.attention, st.attention.new_ones(st.attention.shape[0], 1)], dim=1)
@@ -175,7 +189,7 @@ def _step(model, st: _State, tok: torch.Tensor) -> None:
     st.logits, st.next_pos, st.length = out.logits[:, -1].float(), st.next_pos + 1, st.length + 1
 
 
-def _select(st: _State, keep: list[int], tok: torch.Tensor) -> torch.Tensor:
+def _select(st: DecodeState, keep: list[int], tok: torch.Tensor) -> torch.Tensor:
     """Keep only rows ``keep`` (cache included); returns their tokens."""
     idx = torch.tensor(keep, device=st.next_pos.device)
     st.cache.batch_select_indices(idx)
@@ -185,7 +199,7 @@ def _select(st: _State, keep: list[int], tok: torch.Tensor) -> torch.Tensor:
     return tok[idx]
 
 
-def _trim(st: _State) -> None:
+def _trim(st: DecodeState) -> None:
     """Drop the leading cache positions that every row masks (left padding whose rows have ended), so a
     batch that never drains (continuous batching) keeps a cache no longer than its longest live row."""
     if st.attention is None:
@@ -201,13 +215,60 @@ def _trim(st: _State) -> None:
         st.attention = None                                    # no padding left: no mask, as generate() does
 
 
-def mergeable(cache) -> bool:
-    """True for a plain ``DynamicCache`` of plain ``DynamicLayer`` s (keys/values ``[B, heads, L, dim]``):
-    such caches can be left-padded and concatenated along the batch (no sliding windows, no extra state)."""
-    from transformers.cache_utils import DynamicCache, DynamicLayer
+class GrowingLayer(DynamicLayer):
+    """A ``DynamicLayer`` that appends in place: its ``keys``/``values`` ``[B, heads, L, dim]`` are views of
+    buffers with spare positions, so a decode step writes its one new position instead of copying the whole
+    cache (``DynamicLayer.update`` concatenates: O(L) per step and layer). Whatever assigns ``keys``/``values``
+    directly (batch selection, :func:`_trim`, :func:`merge`) is honoured: the next update sees that they are
+    no longer its buffers' views and copies them into new buffers once."""
 
+    spare = 64                                        # free positions added when the buffers are (re)made
+    _kbuf: torch.Tensor | None = None
+    _vbuf: torch.Tensor | None = None
+
+    @classmethod
+    def adopt(cls, layer: DynamicLayer) -> "GrowingLayer":
+        """The same cached states as ``layer`` (shared, not copied), appending in place from now on."""
+        new = cls()
+        new.__dict__.update({k: v for k, v in layer.__dict__.items() if k not in ("_kbuf", "_vbuf")})
+        return new
+
+    def _owns(self, needed: int) -> bool:
+        kb = self._kbuf
+        return (kb is not None and self.keys.data_ptr() == kb.data_ptr() and self.keys.shape[:2] == kb.shape[:2]
+                and self.keys.stride() == kb.stride() and needed <= kb.shape[2])
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n = self.keys.shape[-2] if self.keys.dim() == 4 else 0
+        end = n + key_states.shape[-2]
+        if not self._owns(end):
+            b, h, _, d = key_states.shape
+            cap = end + max(self.spare, end)
+            kb, vb = key_states.new_empty(b, h, cap, d), value_states.new_empty(b, h, cap, value_states.shape[-1])
+            if n:
+                kb[:, :, :n], vb[:, :, :n] = self.keys, self.values
+            self._kbuf, self._vbuf = kb, vb
+        self._kbuf[:, :, n:end] = key_states
+        self._vbuf[:, :, n:end] = value_states
+        self.keys, self.values = self._kbuf[:, :, :end], self._vbuf[:, :, :end]
+        return self.keys, self.values
+
+
+def mergeable(cache) -> bool:
+    """True for a plain ``DynamicCache`` of plain ``DynamicLayer`` s (or :class:`GrowingLayer` s; keys/values
+    ``[B, heads, L, dim]``): such caches can be left-padded and concatenated along the batch (no sliding
+    windows, no extra state)."""
     layers = getattr(cache, "layers", None)
-    return type(cache) is DynamicCache and bool(layers) and all(type(x) is DynamicLayer for x in layers)
+    return type(cache) is DynamicCache and bool(layers) and \
+        all(type(x) in (DynamicLayer, GrowingLayer) for x in layers)
+
+
+def _grow_in_place(cache) -> None:
+    """Make a :func:`mergeable` cache's plain layers :class:`GrowingLayer` s (no copy)."""
+    if mergeable(cache):
+        cache.layers = [GrowingLayer.adopt(x) if type(x) is DynamicLayer else x for x in cache.layers]
 
 
 def _pad_left(x: torch.Tensor, length: int, dim: int) -> torch.Tensor:
@@ -220,32 +281,38 @@ def _pad_left(x: torch.Tensor, length: int, dim: int) -> torch.Tensor:
     return torch.cat([x.new_zeros(shape), x], dim=dim)
 
 
-def _merge(a: _State, b: _State) -> _State:
-    """One state holding the rows of ``a`` then of ``b``: caches left-padded to the longer one (the padding
-    masked out) and concatenated; every row keeps its own positions."""
-    length = max(a.length, b.length)
-    for la, lb in zip(a.cache.layers, b.cache.layers):                          # keys/values [B, h, L, d]
-        la.keys = torch.cat([_pad_left(la.keys, length, 2), _pad_left(lb.keys, length, 2)], dim=0)
-        la.values = torch.cat([_pad_left(la.values, length, 2), _pad_left(lb.values, length, 2)], dim=0)
+def merge(states: Sequence[DecodeState]) -> DecodeState:
+    """One state holding the rows of ``states`` in order: caches (:func:`mergeable` ones) left-padded to the
+    longest and concatenated along the batch, the padding masked out; every row keeps its own positions.
+    The states are consumed (the result reuses the first one's cache object)."""
+    if len(states) == 1:
+        return states[0]
+    length = max(st.length for st in states)
+    for layers in zip(*(st.cache.layers for st in states)):                     # keys/values [B, h, L, d]
+        layers[0].keys = torch.cat([_pad_left(x.keys, length, 2) for x in layers], dim=0)
+        layers[0].values = torch.cat([_pad_left(x.values, length, 2) for x in layers], dim=0)
 
-    def mask(st: _State) -> torch.Tensor:
+    def mask(st: DecodeState) -> torch.Tensor:
         att = st.attention if st.attention is not None else torch.ones(
             st.next_pos.shape[0], st.length, dtype=torch.long, device=st.next_pos.device)
-        return _pad_left(att, length, 1)
+        return _pad_left(att.long(), length, 1)
 
-    ma, mb = mask(a), mask(b)
-    return _State(a.cache, torch.cat([a.logits, b.logits]), torch.cat([ma, mb.to(ma.dtype)]),
-                  torch.cat([a.next_pos, b.next_pos]), a.rows + b.rows, length)
+    attention = torch.cat([mask(st) for st in states])
+    return DecodeState(states[0].cache, torch.cat([st.logits for st in states]),
+                       None if bool(attention.all()) else attention,                # no padding: no mask
+                       torch.cat([st.next_pos for st in states]), [r for st in states for r in st.rows], length)
 
 
 @torch.inference_mode()
-def run_batch(model, tokenizer, batch: dict, rows: Sequence[Row],
-              admit: Callable[[int], tuple[dict, list[Row]] | None] | None = None, capacity: int | None = None,
-              stats: dict | None = None) -> int:
-    """Decode every row of a left-padded collated ``batch`` (``rows[i]`` is batch row ``i``) to its end.
+def run_batch(model, tokenizer, batch: "dict | DecodeState", rows: Sequence[Row],
+              admit: Callable[[int], "tuple[dict | DecodeState, list[Row]] | None"] | None = None,
+              capacity: int | None = None, stats: dict | None = None) -> int:
+    """Decode every row of a left-padded collated ``batch`` (``rows[i]`` is batch row ``i``) to its end;
+    ``batch`` may also be its :func:`prefill` state (prefilled elsewhere, e.g. on the request's thread).
 
     Continuous batching: between steps, ``admit(n)`` may return up to ``n`` new requests (a collated
-    batch and its rows) while fewer than ``capacity`` rows are running; they are prefilled and join
+    batch or a prefilled state, and its rows) while fewer than ``capacity`` rows are running; they are
+    prefilled (unless they come prefilled) and join
     the running batch (only with a :func:`mergeable` cache; otherwise the batch runs as it started).
     Returns the number of forward passes; ``stats`` (if given) accumulates ``decode_steps`` and
     ``row_steps`` (rows decoded summed over steps) and keeps ``longest_cache`` (positions, at a step).
@@ -254,7 +321,8 @@ def run_batch(model, tokenizer, batch: dict, rows: Sequence[Row],
     """
     eos = set(eos_ids(model, tokenizer))
     capacity = capacity or len(rows)
-    st, passes = _prefill(model, batch, rows), 1
+    st, passes = _start(model, batch, rows)
+    _grow_in_place(st.cache)
     while True:
         tok = pick(st.logits, st.rows)                                             # [b]
         for k, row in enumerate(st.rows):
@@ -280,11 +348,14 @@ def run_batch(model, tokenizer, batch: dict, rows: Sequence[Row],
                 stats["row_steps"] = stats.get("row_steps", 0) + len(st.rows)
                 stats["longest_cache"] = max(stats.get("longest_cache", 0), st.length)
             if new is not None:
-                st, passes = _merge(st, _prefill(model, *new)), passes + 1
+                joined, n = _start(model, *new)
+                st, passes = merge([st, joined]), passes + n
         elif new is not None:
-            st, passes = _prefill(model, *new), passes + 1
+            st, n = _start(model, *new)
+            _grow_in_place(st.cache)
+            passes += n
         else:
             return passes
 
 
-__all__ = ["Row", "RowParams", "mergeable", "pick", "run_batch"]
+__all__ = ["DecodeState", "Row", "RowParams", "merge", "mergeable", "pick", "prefill", "run_batch"]
