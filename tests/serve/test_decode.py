@@ -90,3 +90,55 @@ def test_without_streaming_or_stop_strings_the_text_is_decoded_once_at_the_end()
     assert calls == [] and out == []
     assert row.push(7, False)
     assert calls == [[1, 2, 7]] and out == ["abé"] and row.text == "abé" and ends == ["length"]
+
+
+def _layer(keys: torch.Tensor, values: torch.Tensor):
+    from transformers.cache_utils import DynamicLayer
+
+    layer = DynamicLayer()
+    layer.update(keys, values)
+    return layer
+
+
+def test_growing_layer_appends_in_place_what_dynamic_layer_concatenates():
+    """GrowingLayer holds exactly DynamicLayer's keys/values step after step, writing into one buffer
+    (the same storage across steps), and copes with keys/values reassigned from outside (row selection)."""
+    from medmllm.serve.decode import GrowingLayer
+
+    g = torch.Generator().manual_seed(0)
+    k0, v0 = torch.randn(3, 2, 5, 4, generator=g), torch.randn(3, 2, 5, 4, generator=g)
+    ref, grow = _layer(k0, v0), GrowingLayer.adopt(_layer(k0, v0))
+    ptrs = set()
+    for step in range(GrowingLayer.spare + 20):                  # past the first buffer's capacity
+        k, v = torch.randn(3, 2, 1, 4, generator=g), torch.randn(3, 2, 1, 4, generator=g)
+        want, got = ref.update(k, v), grow.update(k, v)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        ptrs.add(grow.keys.data_ptr())
+    assert len(ptrs) <= 2                                        # the first buffer, then one bigger one
+    assert grow.get_seq_length() == ref.get_seq_length() == 5 + GrowingLayer.spare + 20
+    keep = torch.tensor([2, 0])
+    ref.batch_select_indices(keep)
+    grow.batch_select_indices(keep)                              # DynamicLayer's own: assigns new tensors
+    k, v = torch.randn(2, 2, 1, 4, generator=g), torch.randn(2, 2, 1, 4, generator=g)
+    want, got = ref.update(k, v), grow.update(k, v)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_merge_pads_shorter_caches_on_the_left_and_drops_the_mask_when_none_is_needed():
+    from transformers.cache_utils import DynamicCache
+
+    from medmllm.serve.decode import DecodeState, merge
+
+    def state(length: int, fill: float) -> DecodeState:
+        cache = DynamicCache()
+        cache.layers = [_layer(torch.full((1, 2, length, 4), fill), torch.full((1, 2, length, 4), -fill))]
+        return DecodeState(cache, torch.zeros(1, 6), None, torch.tensor([[length]]), [], length)
+
+    same = merge([state(3, 1.0), state(3, 2.0)])
+    assert same.attention is None and same.length == 3 and same.cache.layers[0].keys.shape == (2, 2, 3, 4)
+    mixed = merge([state(3, 1.0), state(5, 2.0), state(2, 3.0)])
+    assert mixed.length == 5 and mixed.next_pos.flatten().tolist() == [3, 5, 2]
+    assert mixed.attention.tolist() == [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 1, 1]]
+    keys = mixed.cache.layers[0].keys                                   # [3, 2, 5, 4]
+    assert torch.equal(keys[0, :, :2], torch.zeros(2, 2, 4)) and torch.equal(keys[0, :, 2:], torch.ones(2, 3, 4))
+    assert torch.equal(keys[2, :, 3:], torch.full((2, 2, 4), 3.0))

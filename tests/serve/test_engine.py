@@ -362,3 +362,91 @@ def test_a_batch_that_never_drains_keeps_its_cache_bounded_and_answers_as_alone(
     assert stats["decode_steps"] > 2 * 4 + longest_prompt // 4     # long enough to grow without trimming
     assert stats["longest_cache"] <= longest_prompt + 4
 
+
+
+def _answers(eng: Engine, requests) -> list:
+    """Submit ``requests`` together; their Done events in order."""
+    results: list = [None] * len(requests)
+    finished = threading.Event()
+
+    def sink_for(i):
+        def sink(event):
+            if isinstance(event, Done):
+                results[i] = event
+                if all(r is not None for r in results):
+                    finished.set()
+        return sink
+
+    for i, (m, p) in enumerate(requests):
+        eng.submit(eng.prepare(m, p), sink_for(i))
+    assert finished.wait(60)
+    return [(r.text, r.finish_reason, r.completion_tokens) for r in results]
+
+
+def test_prompts_prefilled_on_request_threads_answer_as_prefilled_on_the_worker(model_dir, files, shapes):
+    """prepare() prefills each prompt (one-row state); the worker merges those states. The answers equal an
+    engine that prefills whole batches on the worker, for requests of different prompt lengths."""
+    requests = [(_msg("What is shown?", _part("image", files / "x.png")), SamplingParams(max_tokens=8)),
+                (_msg("Describe the ECG in detail please.", _part("signal", files / "ecg.csv")),
+                 SamplingParams(max_tokens=6)),
+                (_msg("hi"), SamplingParams(max_tokens=5)),
+                (_msg("Sample.", _part("image", files / "x.png")), SamplingParams(max_tokens=7, temperature=1.0, seed=3))]
+    answers = {}
+    for on_request in (True, False):
+        eng = Engine.from_pretrained(model_dir, shapes=shapes, batch_window_ms=300.0,
+                                     prefill_on_request_thread=on_request).start()
+        try:
+            p = eng.prepare(*requests[0])
+            assert (p.state is not None) == on_request
+            if on_request:
+                assert p.state.logits.shape[0] == 1 and p.state.length == p.prompt_tokens
+            answers[on_request] = _answers(eng, requests)
+            assert eng.stats["request_thread_prefills"] == (len(requests) + 1 if on_request else 0)
+            assert eng.stats["forward_passes"] > 0
+        finally:
+            eng.close()
+    assert answers[True] == answers[False]
+
+
+def test_a_cache_that_cannot_be_merged_turns_request_thread_prefill_off(model_dir, files, shapes, monkeypatch):
+    import medmllm.serve.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "mergeable", lambda cache: False)    # as a sliding-window cache
+    eng = Engine.from_pretrained(model_dir, shapes=shapes)
+    messages = _msg("What is shown?", _part("image", files / "x.png"))
+    assert eng.prepare(messages, SamplingParams(max_tokens=4)).state is None
+    assert eng.prefill_on_request_thread is False and eng.stats["request_thread_prefills"] == 0
+    eng.start()
+    try:
+        assert eng.complete(messages, SamplingParams(max_tokens=4)).completion_tokens == 4
+    finally:
+        eng.close()
+
+
+@pytest.mark.parametrize("lanes", [1, 2])
+def test_prepare_lanes_bound_how_many_requests_encode_at_once(model_dir, files, shapes, monkeypatch, lanes):
+    eng = Engine.from_pretrained(model_dir, shapes=shapes, prepare_lanes=lanes)
+    busy, most, lock = [0], [0], threading.Lock()
+    real = eng._encode
+
+    def encode(rid, mods):
+        with lock:
+            busy[0] += 1
+            most[0] = max(most[0], busy[0])
+        threading.Event().wait(0.05)
+        try:
+            return real(rid, mods)
+        finally:
+            with lock:
+                busy[0] -= 1
+
+    monkeypatch.setattr(eng, "_encode", encode)
+    messages = _msg("What is shown?", _part("image", files / "x.png"))
+    threads = [threading.Thread(target=eng.prepare, args=(messages,)) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert most[0] == lanes
+    with pytest.raises(ServeError, match="prepare_lanes"):
+        Engine.from_pretrained(model_dir, shapes=shapes, prepare_lanes=0)
