@@ -2,12 +2,17 @@
 
 The server's throughput at N clients is bounded by N rows / (time of one decode step with N rows),
 before any prefill, media loading or HTTP. This measures that step on the model ``serve_load.py``
-serves (``medmllm.model.builders.small``, untrained, end-of-turn logits pinned at 0 so every row runs
-to ``--tokens``): N copies of the same image request are prepared by the engine, collated and run
-through ``medmllm.serve.decode.run_batch`` (no admissions), timed over the whole batch, ``--repeats``
-times; the median is kept. ``tokens_per_s`` = N x tokens / time; ``ceiling_vs_1_row`` = that over the
-1-row figure of the same run: the most a batched server can gain over one-at-a-time decoding of the
-same model, when it does nothing but decode.
+serves by default (``build_model(..., "llava")``: SigLIP tower -> MLP -> 4-layer Llama, untrained,
+end-of-turn logits pinned at 0 so every row runs to ``--tokens``): N copies of the same image request
+are prepared by the engine, collated and run through ``medmllm.serve.decode.run_batch`` (no
+admissions), timed over the whole batch, ``--repeats`` times; the median is kept. ``tokens_per_s`` =
+N x tokens / time; ``ceiling_vs_1_row`` = that over the 1-row figure of the same run: the most a
+batched server can gain over one-at-a-time decoding of the same model, when it does nothing but decode.
+
+Two KV caches, in alternating runs: ``growing`` (the server's: :class:`medmllm.serve.decode.GrowingLayer`
+appends each step's position in place) and ``dynamic`` (``transformers``' ``DynamicLayer``, which
+concatenates the whole cache every step); ``growing_vs_dynamic`` is the median over repeats of the
+per-repeat tokens/s ratio (the two runs of a repeat see the same machine load).
 
 ``--compile`` repeats the steps with ``torch.compile(model.llm, dynamic=True)`` (needs a C++ compiler;
 the first call compiles for tens of seconds and is not timed).
@@ -48,20 +53,47 @@ def _time_rows(engine, messages, rows: int, tokens: int) -> tuple[float, int]:
     return dt, stats.get("decode_steps", 0)
 
 
-def measure(engine, messages, rows_list: list[int], tokens: int, repeats: int) -> dict:
+def use_cache(kind: str) -> None:
+    """``growing`` (the server's GrowingLayer) or ``dynamic`` (transformers' DynamicLayer, left as it is)."""
+    import medmllm.serve.decode as decode
+
+    if not hasattr(decode, "_real_grow_in_place"):
+        decode._real_grow_in_place = decode._grow_in_place
+    decode._grow_in_place = decode._real_grow_in_place if kind == "growing" else (lambda cache: None)
+
+
+def _summary(times: list, rows: int, tokens: int) -> dict:
+    dt = statistics.median(t for t, _ in times)
+    return {"rows": rows, "seconds": round(dt, 4), "ms_per_step": round(dt / max(times[0][1], 1) * 1e3, 3),
+            "tokens_per_s": round(rows * tokens / dt, 1)}
+
+
+def measure(engine, messages, rows_list: list[int], tokens: int, repeats: int, kinds=("growing", "dynamic")) -> dict:
+    """{kind: {rows_N: summary}} and, with both kinds, ``growing_vs_dynamic`` {rows_N: ratio}; kinds alternate."""
     _time_rows(engine, messages, 1, 4)                                       # warm-up
-    out = {}
+    out: dict = {k: {} for k in kinds}
+    ratios = {}
     for rows in rows_list:
-        times = [_time_rows(engine, messages, rows, tokens) for _ in range(repeats)]
-        dt = statistics.median(t for t, _ in times)
-        steps = times[0][1]
-        out[f"rows_{rows}"] = {"rows": rows, "seconds": round(dt, 4), "ms_per_step": round(dt / max(steps, 1) * 1e3, 3),
-                               "tokens_per_s": round(rows * tokens / dt, 1)}
-        print(f"{rows:>3} rows: {out[f'rows_{rows}']['ms_per_step']} ms/step, "
-              f"{out[f'rows_{rows}']['tokens_per_s']} tok/s", flush=True)
-    one = out[f"rows_{rows_list[0]}"]["tokens_per_s"]
-    for r in out.values():
-        r["ceiling_vs_1_row"] = round(r["tokens_per_s"] / one, 2)
+        times: dict = {k: [] for k in kinds}
+        for r in range(repeats):
+            for kind in (kinds if r % 2 == 0 else kinds[::-1]):
+                use_cache(kind)
+                times[kind].append(_time_rows(engine, messages, rows, tokens))
+        for kind in kinds:
+            out[kind][f"rows_{rows}"] = _summary(times[kind], rows, tokens)
+        line = ", ".join(f"{k} {out[k][f'rows_{rows}']['ms_per_step']} ms/step" for k in kinds)
+        if len(kinds) == 2:
+            ratios[f"rows_{rows}"] = round(statistics.median(d / g for (g, _), (d, _) in zip(times["growing"],
+                                                                                             times["dynamic"])), 3)
+            line += f"; growing vs dynamic {ratios[f'rows_{rows}']}x"
+        print(f"{rows:>3} rows: {line}", flush=True)
+    use_cache("growing")
+    for kind in kinds:
+        one = out[kind][f"rows_{rows_list[0]}"]["tokens_per_s"]
+        for r in out[kind].values():
+            r["ceiling_vs_1_row"] = round(r["tokens_per_s"] / one, 2)
+    if ratios:
+        out["growing_vs_dynamic"] = ratios
     return out
 
 
@@ -84,8 +116,8 @@ def main() -> None:
     rows_list = sorted({int(r) for r in args.rows.split(",")} | {1})
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        params = build_model(Path(tmp) / "small")
-        engine = Engine.from_pretrained(Path(tmp) / "small", max_batch=max(rows_list))
+        params = build_model(Path(tmp) / "llava")
+        engine = Engine.from_pretrained(Path(tmp) / "llava", max_batch=max(rows_list))
         png = Path(tmp) / "x.png"
         png.write_bytes(phantom_png())
         messages = [{"role": "user", "content": [{"type": "image", "path": str(png)},
@@ -95,9 +127,9 @@ def main() -> None:
             engine.model.llm = torch.compile(engine.model.llm, dynamic=True)
             print("compiling ...", flush=True)
             _time_rows(engine, messages, 2, 4)
-            results["compiled"] = measure(engine, messages, rows_list, args.tokens, args.repeats)
+            results["compiled"] = measure(engine, messages, rows_list, args.tokens, args.repeats, kinds=("growing",))
     report = {"benchmark": "decode_step", "unit": "ms per decode step and generated tokens/s of the serving loop alone",
-              "model": {"builder": "small (untrained; end-of-turn logits pinned at 0)", "params": params,
+              "model": {"builder": "serve_load.build_model llava (untrained; end-of-turn logits pinned at 0)", "params": params,
                         "request": f"one 128 px PNG + a question, {args.tokens} new tokens per row, greedy"},
               "repeats": args.repeats, "results": results,
               "env": {"torch": torch.__version__, "threads": args.threads, "python": platform.python_version()},

@@ -34,7 +34,7 @@ the level's ratios are against those two halves together:
 ``ratio`` = the level's server tokens/s / its bracketing baseline tokens/s, one per baseline.
 
     python bench/serve_load.py [--model llava|small] [--duration 20] [--clients 1,8,32] [--max-tokens 32]
-                               [--threads 1] [--prepare-lanes 1] [--prefill-on request|worker]
+                               [--threads 1]
 
 Results -> bench/results/serve_load.json. One torch thread by default (see
 bench/generation_throughput.py: on a shared 2-core machine two OpenMP threads compete badly).
@@ -121,8 +121,7 @@ def phantom_png() -> bytes:
 
 # ----------------------------------------------------------------------------- server (child process)
 
-def _serve(model_dir: str, model_id: str, threads: int, max_batch: int, queue_size: int, port_box,
-           prepare_lanes: int = 1, prefill_on: str = "request") -> None:
+def _serve(model_dir: str, model_id: str, threads: int, max_batch: int, queue_size: int, port_box) -> None:
     import torch
     import uvicorn
 
@@ -130,8 +129,7 @@ def _serve(model_dir: str, model_id: str, threads: int, max_batch: int, queue_si
     from medmllm.serve.engine import Engine
 
     torch.set_num_threads(threads)
-    engine = Engine.from_pretrained(model_dir, max_batch=max_batch, queue_size=queue_size, model_id=model_id,
-                                    prepare_lanes=prepare_lanes, prefill_on_request_thread=prefill_on == "request")
+    engine = Engine.from_pretrained(model_dir, max_batch=max_batch, queue_size=queue_size, model_id=model_id)
     server = uvicorn.Server(uvicorn.Config(create_app(engine, close_engine_on_shutdown=True), host="127.0.0.1",
                                            port=0, log_level="warning", access_log=False))
 
@@ -313,10 +311,6 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--prepare-lanes", type=int, default=1, help="the engine's prepare_lanes (requests encoding and "
-                    "prefilling at once)")
-    ap.add_argument("--prefill-on", default="request", choices=["request", "worker"],
-                    help="where prompts are prefilled: on the request threads (default) or on the decode worker")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "serve_load.json")
     args = ap.parse_args()
     import torch
@@ -341,8 +335,7 @@ def main() -> None:
         ctx = mp.get_context("spawn")
         port_box = ctx.Queue()
         proc = ctx.Process(target=_serve, args=(str(model_dir), args.model, args.threads, args.max_batch,
-                                                4 * max(levels), port_box, args.prepare_lanes,
-                                                args.prefill_on), daemon=True)
+                                                4 * max(levels), port_box), daemon=True)
         proc.start()
         try:
             port = port_box.get(timeout=300)
@@ -369,8 +362,7 @@ def main() -> None:
               "unit": "generated tokens / s over the wall time; latency per request (ms), loopback HTTP included",
               "model": {"kind": args.model, "params": params, "untrained": True, "end_of_turn_logits": "pinned at 0",
                         "request": f"one 128 px PNG data URL + a question, max_tokens {args.max_tokens}, greedy"},
-              "server": {"max_batch": args.max_batch, "queue_size": 4 * max(levels), "batch_window_ms": 5.0,
-                         "prepare_lanes": args.prepare_lanes, "prefill_on": args.prefill_on},
+              "server": {"max_batch": args.max_batch, "queue_size": 4 * max(levels), "batch_window_ms": 5.0},
               "duration_s": args.duration, "results": results,
               "env": {"torch": torch.__version__, "threads": args.threads, "python": platform.python_version(),
                       "cpus": os.cpu_count(), "loadavg_before": [round(x, 2) for x in load_before],

@@ -117,7 +117,6 @@ def serve_cmd(
     max_batch: int = typer.Option(8, "--max-batch", min=1, help="Requests decoded together at most."),
     queue_size: int = typer.Option(64, "--queue-size", min=1, help="Requests waiting at most; more get 429."),
     batch_window_ms: float = typer.Option(5.0, "--batch-window-ms", min=0.0, help="How long the first request waits for company."),
-    prepare_lanes: int = typer.Option(1, "--prepare-lanes", min=1, help="Requests encoding and prefilling at once, next to the decoding (1 suits a few CPU cores)."),
     allow_remote_urls: bool = typer.Option(False, "--allow-remote-urls", help="Fetch http(s) image URLs (off: data URLs only)."),
     cors_origin: Optional[List[str]] = typer.Option(None, "--cors-origin", help="Origin allowed by CORS (repeatable; none: CORS off)."),
     max_body_mb: float = typer.Option(48.0, "--max-body-mb", min=0.001, help="Request body limit (413 above)."),
@@ -144,7 +143,7 @@ def serve_cmd(
             torch.set_num_threads(threads)
         extra = {"model_id": model_id} if model_id else {}
         engine = Engine.from_pretrained(path, max_batch=max_batch, queue_size=queue_size,
-                                        batch_window_ms=batch_window_ms, prepare_lanes=prepare_lanes, **extra)
+                                        batch_window_ms=batch_window_ms, **extra)
     except MedmllmError as exc:
         _fail(str(exc))
     inputs = dataclasses.replace(InputLimits(), allow_remote_urls=allow_remote_urls, max_media=max_media)

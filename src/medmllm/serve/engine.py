@@ -3,14 +3,13 @@
 Life of a request::
 
     engine.prepare(messages, params)     # any thread: files -> tensors (PartLoader), chat template,
-                                         # context check, media encoded and projected, and the prompt
-                                         # prefilled (its KV cache), all off the worker, so it overlaps
-                                         # decoding -> Prepared (ServeError 422 on bad input)
+                                         # context check, media encoded and projected (off the worker,
+                                         # so it overlaps decoding) -> Prepared (ServeError 422 on bad input)
     handle = engine.submit(prepared, sink)   # QueueFull (429) when queue_size requests wait already
     # the worker thread takes the first waiting request, waits up to batch_window_ms for more
-    # (at most max_batch), merges their prefilled caches (left-padded, as medmllm.eval.inprocess.predict
-    # pads a batch) and decodes them together (medmllm.serve.decode.run_batch); each request's sink
-    # receives Delta(text) events as its text grows, then one Done (or Failed) event.
+    # (at most max_batch), collates them left-padded (as medmllm.eval.inprocess.predict does) and
+    # decodes them together (medmllm.serve.decode.run_batch); each request's sink receives
+    # Delta(text) events as its text grows, then one Done (or Failed) event.
     handle.cancel()                      # e.g. the client went away: the row leaves the batch
 
 ``sink`` is called on the worker thread and must return quickly (the app hands events to its
@@ -19,16 +18,7 @@ CLI, tests and benchmarks. ``Engine.stats`` counts ``batches`` (one ``run_batch`
 ``requests``, ``joined_running_batch`` (requests that joined a batch already decoding: continuous
 batching), ``forward_passes``, ``decode_steps`` and ``row_steps`` (rows decoded summed over steps:
 ``row_steps / decode_steps`` is the mean batch occupancy), ``largest_batch`` (at the start) and
-``longest_cache`` (the longest KV cache a step ran with, in positions); ``forward_passes`` are the
-worker's, and ``request_thread_prefills`` counts the prompts prefilled by :meth:`Engine.prepare`.
-
-Prefill on the request threads (``prefill_on_request_thread=True``, the default) splits the work the
-way disaggregated serving does (prefill apart from decode): on 2 CPU cores the worker's decode steps
-keep one core while the requests' encoding and prefill use the other, ``prepare_lanes`` (1) request at
-a time. The decode steps append to their KV cache in place (:class:`medmllm.serve.decode.GrowingLayer`). It needs a KV cache that can be
-merged into a running batch (:func:`medmllm.serve.decode.mergeable`: plain ``DynamicCache`` s); for a
-model whose cache cannot (sliding windows, e.g. Gemma 3) the first prefill shows it and the engine falls
-back to prefilling each batch on the worker.
+``longest_cache`` (the longest KV cache a step ran with, in positions).
 """
 
 from __future__ import annotations
@@ -45,7 +35,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from medmllm.errors import InputError, MedmllmError
-from medmllm.serve.decode import DecodeState, Row, RowParams, merge, mergeable, prefill, run_batch
+from medmllm.serve.decode import Row, RowParams, run_batch
 from medmllm.serve.errors import QueueFull, ServeError, invalid
 
 log = logging.getLogger("medmllm.serve")
@@ -66,17 +56,14 @@ class SamplingParams:
 
 @dataclass
 class Prepared:
-    """A request ready to batch: the collator example, its prompt length, resolved parameters, the
-    projected tokens of its media, in order (``(kind, tokens [M, H], mask [M])``, see ``MedMLLM.encode_item``),
-    and its prefilled prompt (``state``, a one-row :class:`~medmllm.serve.decode.DecodeState`) when the
-    engine prefills on request threads."""
+    """A request ready to batch: the collator example, its prompt length, resolved parameters and the
+    projected tokens of its media, in order (``(kind, tokens [M, H], mask [M])``, see ``MedMLLM.encode_item``)."""
 
     id: str
     example: dict
     prompt_tokens: int
     params: RowParams
     encoded: list = field(default_factory=list)
-    state: DecodeState | None = None
 
 
 @dataclass
@@ -132,22 +119,17 @@ class Engine:
     ``shapes``: the :class:`~medmllm.data.dataset.ModalityShapes` files are loaded with (default:
     what the model fixes, :func:`medmllm.model.inspect.modality_shapes_for`). ``max_context``:
     prompt + max_tokens ceiling (default: the LLM's ``max_position_embeddings``).
-    ``prefill_on_request_thread``: :meth:`prepare` also prefills the prompt (see module doc).
-    ``prepare_lanes``: how many requests encode their media and prefill at once (the others wait their
-    turn; reading files and rendering the template are not limited). 1 suits a few CPU cores: the decode
-    worker keeps one core and one request at a time uses the other, where more lanes would only contend
-    for the same cores (measured in bench/serve_load.py); raise it with more cores.
     """
 
     def __init__(self, model, tokenizer, *, model_id: str = "medmllm", shapes=None, max_batch: int = 8,
                  queue_size: int = 64, batch_window_ms: float = 5.0, max_context: int | None = None,
-                 default_max_tokens: int = 256, prefill_on_request_thread: bool = True, prepare_lanes: int = 1):
+                 default_max_tokens: int = 256):
         from medmllm.data.collate import MultimodalCollator
         from medmllm.data.dataset import PartLoader
         from medmllm.model.inspect import modality_shapes_for
 
-        if max_batch < 1 or queue_size < 1 or prepare_lanes < 1:
-            raise ServeError(500, "max_batch, queue_size and prepare_lanes must be >= 1", "bad_config")
+        if max_batch < 1 or queue_size < 1:
+            raise ServeError(500, "max_batch and queue_size must be >= 1", "bad_config")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.model_id = model_id
@@ -155,14 +137,10 @@ class Engine:
         self.batch_window_s = max(0.0, batch_window_ms / 1000.0)
         self.max_context = int(max_context or getattr(model.llm.config, "max_position_embeddings", 2048))
         self.default_max_tokens = int(default_max_tokens)
-        self.prefill_on_request_thread = bool(prefill_on_request_thread)   # False once a cache is not mergeable
-        self.prepare_lanes = int(prepare_lanes)
-        self._lanes = threading.BoundedSemaphore(self.prepare_lanes)
         self.shapes = shapes if shapes is not None else modality_shapes_for(model)
         self.loader = PartLoader(self.shapes)
         self._prep_collator = MultimodalCollator(tokenizer, _BIG, model.num_tokens, train=False)
         self._prep_lock = threading.Lock()  # fast tokenizers must not be used by two threads at once
-        self._stats_lock = threading.Lock()
         self._worker_tokenizer = copy.deepcopy(tokenizer)
         self._collator = MultimodalCollator(self._worker_tokenizer, _BIG, model.num_tokens, train=False)
         self._queue: queue.Queue[Handle | None] = queue.Queue(maxsize=self.queue_size)
@@ -172,7 +150,7 @@ class Engine:
         self._special = [t for t in tokenizer.all_special_tokens if t]
         self.stats = {"batches": 0, "requests": 0, "forward_passes": 0, "largest_batch": 0,
                       "joined_running_batch": 0, "decode_steps": 0, "row_steps": 0,
-                      "longest_cache": 0, "request_thread_prefills": 0}
+                      "longest_cache": 0}
 
     # ------------------------------------------------------------------ construction
 
@@ -262,20 +240,14 @@ class Engine:
         decode = lambda ids: self._worker_tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
         active: list[tuple[Handle, Row]] = []
 
-        def collate(hs: list[Handle]) -> tuple[dict | DecodeState, list[Row]]:
+        def collate(hs: list[Handle]) -> tuple[dict, list[Row]]:
             rows = [self._row(h, decode) for h in hs]
             active.extend(zip(hs, rows))
-            states = [h.prepared.state for h in hs]
-            for h in hs:
-                h.prepared.state = None                        # consumed here: merged or prefilled again
-            if all(st is not None for st in states):
-                batch = merge(states)
-            else:
-                batch = self.collate([h.prepared for h in hs])
+            batch = self.collate([h.prepared for h in hs])
             self.stats["requests"] += len(hs)
             return batch, rows
 
-        def admit(n: int) -> tuple[dict | DecodeState, list[Row]] | None:
+        def admit(n: int) -> tuple[dict, list[Row]] | None:
             if self._stop.is_set():
                 return None
             hs = []
@@ -310,11 +282,7 @@ class Engine:
         """The worker's left-padded batch of ``prepared`` requests, in order, carrying their encoded media as
         ``modality_tokens`` (the raw media tensors are left out: the model does not encode them again).
         Call it from the worker thread only (it uses the worker's tokenizer)."""
-        return self._with_encoded(self._collator([p.example for p in prepared]), prepared)
-
-    @staticmethod
-    def _with_encoded(batch: dict, prepared: Sequence[Prepared]) -> dict:
-        """``batch`` (collated from ``prepared``) with their encoded media as ``modality_tokens``."""
+        batch = self._collator([p.example for p in prepared])
         if batch["ids"] != [p.id for p in prepared]:
             raise RuntimeError(f"collator dropped {batch['dropped']}")
         done: dict[str, list] = {}                           # batch order: row by row, then order of appearance
@@ -370,32 +338,7 @@ class Engine:
                           "messages", detail=str(exc)) from None
         n = len(sample.input_ids)
         row_params = self._row_params(params, n)
-        with self._lanes:
-            prepared = Prepared(rid, example, n, row_params, self._encode(rid, mods))
-            if self.prefill_on_request_thread:
-                prepared.state = self._prefill(prepared)
-        return prepared
-
-    def _prefill(self, prepared: Prepared) -> DecodeState | None:
-        """The request's prompt through the LLM on the caller's thread (torch releases the GIL in its kernels,
-        so this overlaps the worker's decoding); None when the model's cache cannot join a running batch
-        (the engine then stops prefilling on request threads). A model failure is a ServeError 500."""
-        with self._prep_lock:
-            batch = self._prep_collator([prepared.example])
-        try:
-            state = prefill(self.model, self._with_encoded(batch, [prepared]))
-        except Exception:  # noqa: BLE001 - logged here, the client gets a generic 500
-            log.exception("prefill failed for %s", prepared.id)
-            raise ServeError(500, "the model failed while reading the prompt; the error was logged",
-                             "internal_error") from None
-        if not mergeable(state.cache):
-            log.info("this model's KV cache (%s) cannot join a running batch: batches are prefilled on the worker",
-                     type(state.cache).__name__)
-            self.prefill_on_request_thread = False
-            return None
-        with self._stats_lock:
-            self.stats["request_thread_prefills"] += 1
-        return state
+        return Prepared(rid, example, n, row_params, self._encode(rid, mods))
 
     def _encode(self, rid: str, mods: list) -> list:
         """Each media tensor -> ``(kind, tokens [M, H], mask [M])`` through its encoder and projector.
