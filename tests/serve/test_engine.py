@@ -362,4 +362,3 @@ def test_a_batch_that_never_drains_keeps_its_cache_bounded_and_answers_as_alone(
     assert stats["decode_steps"] > 2 * 4 + longest_prompt // 4     # long enough to grow without trimming
     assert stats["longest_cache"] <= longest_prompt + 4
 
-

@@ -159,12 +159,12 @@ def _prefill(model, batch: dict, rows: Sequence[Row]) -> DecodeState:
     """Run the prompts of a collated left-padded ``batch`` (``rows[i]`` is row ``i``) through the model."""
     inputs = model_inputs(model, batch)
     embeds, attention, positions = model.embed_inputs(**inputs)                 # [B, L, H], [B, L], [B, L]
-    out = model.llm(inputs_embeds=embeds, attention_mask=attention, position_ids=positions, use_cache=True,
-                    logits_to_keep=1)
     for row in rows:
         if row.params.temperature > 0:
             seed = row.params.seed if row.params.seed is not None else int.from_bytes(os.urandom(8), "little")
             row.generator = torch.Generator(device=embeds.device).manual_seed(seed & 0xFFFF_FFFF_FFFF_FFFF)
+    out = model.llm(inputs_embeds=embeds, attention_mask=attention, position_ids=positions, use_cache=True,
+                    logits_to_keep=1)
     full = attention is None or bool(attention.all())
     st = DecodeState(out.past_key_values, out.logits[:, -1].float(), None if full else attention,
                      positions[:, -1:] + 1, list(rows), int(embeds.shape[1]))
