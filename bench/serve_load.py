@@ -50,12 +50,15 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))     # the other bench scripts, as bench/decode_step.py does
 
 QUESTIONS = ["Is there a pleural effusion?", "Describe the image.", "Is the heart enlarged in this chest x-ray?",
              "What abnormality is seen in this chest x-ray?", "Is there a pneumothorax? Answer with one word.",
@@ -73,16 +76,6 @@ def _pin_end_of_turn(model, tok) -> None:
             model.llm.lm_head.weight[i] = 0.0
 
 
-def _train_throughput_bench():
-    """bench/train_throughput.py as a module (its exportable SigLIP -> MLP -> Llama builder)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("train_throughput_bench", Path(__file__).parent / "train_throughput.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def build_model(out: Path, kind: str = "llava", seed: int = 0) -> dict:
     """The bench model (end-of-turn logits pinned at 0) saved to ``out``; for ``llava`` also exported to
     ``out / "hf_llava"``. Returns its parameter counts."""
@@ -92,8 +85,10 @@ def build_model(out: Path, kind: str = "llava", seed: int = 0) -> dict:
     if kind == "small":
         model, tok = small(seed=seed)
     elif kind == "llava":                                # small's tokenizer (the llama3 BPE), an exportable model
+        from train_throughput import build_model as build_llava   # bench/train_throughput.py's exportable builder
+
         tok = build_tokenizer("llama3")
-        model = _train_throughput_bench().build_model(tok, seed=seed)
+        model = build_llava(tok, seed=seed)
     else:
         raise SystemExit(f"--model: expected 'llava' or 'small', got {kind!r}")
     _pin_end_of_turn(model, tok)
