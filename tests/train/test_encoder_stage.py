@@ -13,8 +13,9 @@ from medmllm.data.phantoms.build import build_phantoms
 from medmllm.errors import ConfigError
 from medmllm.model.builders import small, tiny
 from medmllm.train.checkpoint import list_checkpoints
-from medmllm.train.encoder_stage import (EncoderHeads, EncoderStageConfig, MapLayout, dense_losses, map_layouts,
-                                         pool_features, region_box, train_encoders)
+from medmllm.train.encoder_stage import (EncoderHeads, EncoderStageConfig, MapLayout, boost_factor, boosted,
+                                         collate, dense_losses, lesion_boost_map, load_items, map_layouts,
+                                         pool_features, read_cases, region_box, train_encoders)
 
 SHAPES = ModalityShapes(image_size=32, volume_shape=(8, 16, 16), signal_samples=500)
 
@@ -119,6 +120,25 @@ def test_config_rejects_bad_values():
         EncoderStageConfig(data="x", steps=0)
     with pytest.raises(ConfigError, match="lr"):
         EncoderStageConfig(data="x", lr=0.0)
+    with pytest.raises(ConfigError, match="lesion_boost"):
+        EncoderStageConfig(data="x", lesion_boost=0.5)
+    with pytest.raises(ConfigError, match="lesion_boost"):
+        EncoderStageConfig(data="x", lesion_boost=4.0, lesion_boost_hold=0.9, lesion_boost_until=0.5)
+
+
+def test_boost_factor_holds_then_falls_linearly_to_one():
+    f = [boost_factor(s, 10, 5.0, 0.4, 0.8) for s in range(10)]
+    assert f == pytest.approx([5, 5, 5, 5, 5, 4, 3, 2, 1, 1])
+    assert boost_factor(3, 10, 1.0, 0.4, 0.8) == 1.0
+    assert boost_factor(0, 10, 3.0, 0.0, 0.0) == 1.0                      # no hold, no ramp: off from step 0
+
+
+def test_boosted_adds_the_scaled_map_clamps_and_leaves_other_kinds():
+    x = {"volume": torch.tensor([[0.5, 0.95, 0.1]]), "image": torch.ones(2)}
+    out = boosted(x, {"volume": torch.tensor([[0.1, 0.1, -0.2]])}, 3.0)
+    assert torch.allclose(out["volume"], torch.tensor([[0.7, 1.0, 0.0]]))
+    assert out["image"] is x["image"]
+    assert boosted(x, {"volume": torch.ones(1, 3)}, 1.0) is x
 
 
 # ----------------------------------------------------------------------------- train_encoders
@@ -227,3 +247,49 @@ def test_encoder_recipe_errors_come_before_training(build, tmp_path):
     assert res.exit_code != 0 and "stepz" in res.output and not (tmp_path / "a").exists()
     res = runner.invoke(app, ["train", str(recipe), f"data={tmp_path / 'nowhere'}", f"run_dir={tmp_path / 'b'}"])
     assert res.exit_code != 0 and "cases.jsonl" in res.output and not (tmp_path / "b").exists()
+
+
+# ----------------------------------------------------------------------------- contrast curriculum
+
+def test_lesion_boost_map_redraws_the_lesion_of_the_truth(build):
+    """Adding the map once to a lesion volume's tensor gives the tensor of the same volume with its lesion
+    drawn at twice its HU difference (the generator's own output, windowed the same way)."""
+    import numpy as np
+
+    from medmllm.data.dataset import PartLoader
+    from medmllm.data.preprocess import multi_window_rgb
+
+    shapes = ModalityShapes(volume_window="multi")
+    cases = [c for c in read_cases(build) if c["modality"] == "ct3d"]
+    items = load_items(build, cases, ["volume"], PartLoader(shapes), boost=True)
+    with_lesion = [(c, it) for c, it in zip(cases, items) if c["truth"]["findings"]["lesion"]["present"]]
+    assert with_lesion and all(it.boost is None for c, it in zip(cases, items)
+                               if not c["truth"]["findings"]["lesion"]["present"])
+    case, item = with_lesion[0]
+    assert item.boost.shape == item.tensor.shape == (3, *shapes.volume_shape)
+    les = case["truth"]["findings"]["lesion"]
+    changed = item.boost.abs().sum(0) > 0
+    assert 0 < int(changed.sum()) < changed.numel() // 20
+    # the same change, made in HU: twice the delta inside the lesion's voxels, then windowed
+    hu = np.zeros(shapes.volume_shape, np.float32) + 60.0
+    ref = multi_window_rgb(hu, shapes.volume_windows)[..., 1]
+    twice = multi_window_rgb(hu + les["hu_delta"] * changed.numpy(), shapes.volume_windows)[..., 1]
+    assert torch.allclose(torch.from_numpy(ref) + item.boost[1], torch.from_numpy(twice), atol=1e-5)
+    # a volume-only batch carries the maps, zeros for the lesion-free rows
+    batch = collate(items[:6])
+    assert batch["boost"]["volume"].shape == batch["inputs"]["volume"].shape
+
+
+def test_train_encoders_with_the_curriculum_changes_only_training_inputs(build, tmp_path):
+    a, _ = tiny()
+    b, _ = tiny()
+    shapes = SHAPES
+    ra = train_encoders(a, build, _cfg(build, tmp_path / "a", steps=4, eval_split="validation"), shapes=shapes,
+                        progress=False)
+    rb = train_encoders(b, build, _cfg(build, tmp_path / "b", steps=4, eval_split="validation", lesion_boost=6.0),
+                        shapes=shapes, progress=False)
+    va, vb = a.encoders["volume"].state_dict(), b.encoders["volume"].state_dict()
+    assert any(not torch.equal(va[k], vb[k]) for k in va)                 # the boosted volumes trained differently
+    ia, ib = a.encoders["image"].state_dict(), b.encoders["image"].state_dict()
+    assert all(torch.equal(ia[k], ib[k]) for k in ia)                      # other kinds untouched by it
+    assert ra["steps"] == rb["steps"] == 4

@@ -62,6 +62,12 @@ class EncoderStageConfig:
     weight of the dense (where-is-it) tasks, 0 = off; ``dense_pos_weight_cap`` bounds the weight of
     the (rare) positive cells, which is otherwise negatives / positives.
 
+    Contrast curriculum for 3D lesions (``lesion_boost`` > 1): each training volume's lesion is drawn
+    with ``factor`` times its HU difference from its organ, ``factor`` = ``lesion_boost`` for the first
+    ``lesion_boost_hold`` of the steps, then falling linearly to 1 at ``lesion_boost_until`` and 1 after
+    (see :func:`boost_factor`); the lesion's voxels come from the case's truth. Validation volumes are
+    never changed. Measured: solid-organ lesions (25-50 HU from their organ) stayed at chance without it.
+
     Speed on CPU (2 cores, builders.small, measured): ``mixed_precision: bf16`` autocasts the
     encoders of ``bf16_kinds`` (None: all) — image 3-8x faster, volume 1.5x, signal ~1.1x, ehr
     slower (so it is left out by default); ``channels_last`` keeps 4-D (5-D: channels_last_3d) conv weights in that memory
@@ -82,6 +88,9 @@ class EncoderStageConfig:
     channels_last: bool = True
     dense_weight: float = 2.0
     dense_pos_weight_cap: float = 30.0
+    lesion_boost: float = 1.0
+    lesion_boost_hold: float = 0.4
+    lesion_boost_until: float = 0.8
     ckpt_every: int = 0
     keep_last: int = 2
     log_every: int = 10
@@ -102,6 +111,11 @@ class EncoderStageConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or v < low or (strict and v == low):
                 raise ConfigError(f"encoder.{name}: expected a number {'>' if strict else '>='} {low:g}, got {v!r}")
+        boost = (self.lesion_boost, self.lesion_boost_hold, self.lesion_boost_until)
+        if any(not isinstance(v, (int, float)) or isinstance(v, bool) for v in boost) or self.lesion_boost < 1 \
+                or not 0 <= self.lesion_boost_hold <= self.lesion_boost_until <= 1:
+            raise ConfigError("encoder.lesion_boost >= 1 and 0 <= lesion_boost_hold <= lesion_boost_until <= 1 "
+                              f"expected, got {boost}")
 
 
 # ============================================================================= feature maps
@@ -354,14 +368,62 @@ class _StageModule(nn.Module):
 # ============================================================================= data
 @dataclasses.dataclass
 class StageItem:
-    """One case ready for training: its kind, input tensor, label row ``[T_k]`` (NaN = n/a) and
-    one finding box per dense task ``[R_k, 6]`` (see :func:`region_box`; ``[0, 6]`` when none)."""
+    """One case ready for training: its kind, input tensor, label row ``[T_k]`` (NaN = n/a),
+    one finding box per dense task ``[R_k, 6]`` (see :func:`region_box`; ``[0, 6]`` when none) and,
+    for a volume with a lesion, ``boost``: what one more lesion HU delta adds to ``tensor`` (see
+    :func:`lesion_boost_map`; None otherwise)."""
 
     case_id: str
     kind: str
     tensor: torch.Tensor
     labels: torch.Tensor
     boxes: torch.Tensor = dataclasses.field(default_factory=lambda: torch.zeros(0, 6))
+    boost: Optional[torch.Tensor] = None
+
+
+def lesion_boost_map(case: dict, part: dict, tensor_shape: Sequence[int], shapes: ModalityShapes) -> torch.Tensor | None:
+    """For a MedPhantom CT volume with a lesion: ``[C, D, H, W]`` float, the change of the loaded tensor
+    (``tensor_shape``, windowed as :class:`PartLoader` windows it) when the lesion's HU difference from
+    its organ is added once more: ``hu_delta * mask * window slope`` per channel, the mask (the lesion
+    sphere, :func:`medmllm.data.phantoms.volume.lesion_mask`) resampled to the tensor's grid. Exact
+    for voxels inside every window; a caller clamps to [0, 1]. None for other cases."""
+    import numpy as np
+
+    from medmllm.data.phantoms.volume import lesion_mask
+    from medmllm.data.preprocess import CT_WINDOWS, window_preset
+
+    truth = case.get("truth") or {}
+    lesion = (truth.get("findings") or {}).get("lesion") or {}
+    if case.get("modality") != "ct3d" or not lesion.get("present"):
+        return None
+    try:
+        mask = lesion_mask(truth["shape"], truth["spacing_mm"], lesion["center_dhw"], float(lesion["diameter_mm"]) / 2)
+        delta = float(lesion["hu_delta"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InputError(f"{case.get('case_id', '<case>')}.truth",
+                         f"expected the lesion's centre_dhw, diameter_mm, hu_delta, shape and spacing_mm: {exc!r}") from None
+    window = (part.get("options") or {}).get("window") or shapes.volume_window
+    names = list(shapes.volume_windows) if window == "multi" else [window]
+    # the window's slope (output per HU) where it is linear: 1 / (width - 1) for the DICOM 'linear' function
+    slopes = torch.tensor([float(np.diff(window_preset(np.array([c, c + 1.0]), n))[0])
+                           for n in names for c in [CT_WINDOWS.get(n)[0]]], dtype=torch.float32)
+    m = torch.from_numpy(mask.astype("float32"))[None, None]                          # [1, 1, D, H, W]
+    if tuple(m.shape[2:]) != tuple(tensor_shape[1:]):
+        m = F.interpolate(m, size=tuple(tensor_shape[1:]), mode="trilinear", align_corners=False)
+    return (delta * slopes)[:, None, None, None] * m[0]                                 # [C, D, H, W]
+
+
+def boost_factor(step: int, total: int, boost: float, hold: float, until: float) -> float:
+    """The contrast curriculum's factor at ``step`` (0-based) of ``total``: ``boost`` while
+    ``step < hold * total``, then linear down to 1 at ``until * total``, then 1."""
+    if boost <= 1:
+        return 1.0
+    start, end = hold * total, until * total
+    if step < start:
+        return float(boost)
+    if step >= end or end <= start:
+        return 1.0
+    return float(boost) - (float(boost) - 1.0) * (step - start) / (end - start)
 
 
 def read_cases(build_dir: str | Path) -> list[dict]:
@@ -374,9 +436,10 @@ def read_cases(build_dir: str | Path) -> list[dict]:
 
 
 def load_items(build_dir: str | Path, cases: Sequence[dict], kinds: Sequence[str], loader: PartLoader,
-               dense_kinds: Sequence[str] = ()) -> list[StageItem]:
-    """Load each case of ``kinds`` once (its record part through ``loader``) with its labels, and
-    finding boxes for ``dense_kinds``. A case whose file cannot be read is skipped (warning)."""
+               dense_kinds: Sequence[str] = (), boost: bool = False) -> list[StageItem]:
+    """Load each case of ``kinds`` once (its record part through ``loader``) with its labels,
+    finding boxes for ``dense_kinds`` and, with ``boost``, each lesion volume's :func:`lesion_boost_map`.
+    A case whose file cannot be read is skipped (warning)."""
     from medmllm.data.phantoms.labels import LABEL_TASKS, REGION_TASKS, case_kind, case_labels, case_part, \
         case_regions
 
@@ -385,8 +448,9 @@ def load_items(build_dir: str | Path, cases: Sequence[dict], kinds: Sequence[str
         if case_kind(case) not in kinds:
             continue
         kind, labels = case_labels(case)
+        part = case_part(case)
         try:
-            tensor, _ = loader(case_part(case), build_dir)
+            tensor, _ = loader(part, build_dir)
         except InputError as exc:
             log.warning("encoder stage: skipping %s: %s", case.get("case_id"), exc)
             continue
@@ -395,14 +459,17 @@ def load_items(build_dir: str | Path, cases: Sequence[dict], kinds: Sequence[str
         if kind in dense_kinds and REGION_TASKS.get(kind):
             regions = case_regions(case)[1]
             item.boxes = torch.stack([region_box(regions[t]) for t in REGION_TASKS[kind]])   # [R, 6]
+        if boost and kind == "volume":
+            item.boost = lesion_boost_map(case, part, tuple(tensor.shape), loader.shapes)
         items.append(item)
     return items
 
 
 def collate(items: Sequence[StageItem]) -> dict:
     """Items -> ``{"index": [B], "inputs": {kind: [N_k, ...]}, "labels": {kind: [N_k, T_k]},
-    "boxes": {kind: [N_k, R_k, 6]}}`` (kinds in first-seen order; boxes only for kinds that have
-    them; ``index`` is the item's position in the batch)."""
+    "boxes": {kind: [N_k, R_k, 6]}, "boost": {kind: [N_k, ...]}}`` (kinds in first-seen order; boxes
+    only for kinds that have them; boost only for kinds where an item has one, zeros for the others;
+    ``index`` is the item's position in the batch)."""
     by_kind: dict[str, list[StageItem]] = {}
     for it in items:
         by_kind.setdefault(it.kind, []).append(it)
@@ -410,7 +477,9 @@ def collate(items: Sequence[StageItem]) -> dict:
             "inputs": {k: torch.stack([it.tensor for it in group]) for k, group in by_kind.items()},
             "labels": {k: torch.stack([it.labels for it in group]) for k, group in by_kind.items()},
             "boxes": {k: torch.stack([it.boxes for it in group]) for k, group in by_kind.items()
-                      if group[0].boxes.numel()}}
+                      if group[0].boxes.numel()},
+            "boost": {k: torch.stack([it.boost if it.boost is not None else torch.zeros_like(it.tensor) for it in group])
+                      for k, group in by_kind.items() if any(it.boost is not None for it in group)}}
 
 
 class _ListDataset(torch.utils.data.Dataset):
@@ -487,13 +556,22 @@ def dense_pos_weights(items: Sequence[StageItem], heads: EncoderHeads, cap: floa
     return out
 
 
-def make_stage_loss(dense_weight: float, pos_weight: dict | None = None):
+def boosted(inputs: dict[str, torch.Tensor], boost: dict[str, torch.Tensor], factor: float) -> dict:
+    """``inputs`` with ``(factor - 1) * boost[kind]`` added and clamped to [0, 1] for the kinds in ``boost``
+    (the lesion drawn at ``factor`` times its contrast); unchanged when ``factor`` is 1."""
+    if factor == 1.0 or not boost:
+        return inputs
+    return {k: (x + (factor - 1.0) * boost[k].to(x)).clamp(0.0, 1.0) if k in boost else x for k, x in inputs.items()}
+
+
+def make_stage_loss(dense_weight: float, pos_weight: dict | None = None, factor=lambda: 1.0):
     """The loop's loss: per kind present, mean task loss + ``dense_weight`` * mean dense loss; summed
     over kinds. Per-kind values are returned as ``loss_<kind>`` for every kind of the heads (the loop
-    wants the same keys each step): 0 on a batch without that kind."""
+    wants the same keys each step): 0 on a batch without that kind. ``factor()``: the contrast
+    curriculum's factor for this step (see :func:`boosted`)."""
 
     def stage_loss(module: _StageModule, batch: dict) -> dict:
-        outputs = module(batch["inputs"])
+        outputs = module(boosted(batch["inputs"], batch.get("boost") or {}, factor()))
         per_task = task_losses(outputs, batch["labels"], module.heads.tasks)
         per_dense = dense_losses(outputs, batch.get("boxes") or {}, module.heads, pos_weight) if dense_weight else {}
         per_kind = {}
@@ -695,7 +773,8 @@ def train_encoders(model, build_dir: str | Path, cfg: EncoderStageConfig, *,
     layouts = {k: lays for k in kinds if cfg.dense_weight and k in REGION_TASKS
                for lays in [map_layouts(model.encoders[k], k, shapes)] if lays}
     loader = PartLoader(shapes, cache_items=0)   # each case is read once and kept as a tensor
-    train = load_items(build_dir, [c for c in cases if c.get("split") == "train"], kinds, loader, list(layouts))
+    train = load_items(build_dir, [c for c in cases if c.get("split") == "train"], kinds, loader, list(layouts),
+                       boost=cfg.lesion_boost > 1)
     val = load_items(build_dir, [c for c in cases if c.get("split") == cfg.eval_split], kinds, loader, list(layouts))
     if not train:
         raise InputError(Path(build_dir) / "cases.jsonl", f"expected train-split cases of kinds {kinds}, found none")
@@ -744,8 +823,11 @@ def _run(module: _StageModule, train: list[StageItem], val: list[StageItem], kin
                                   weight_decay=cfg.weight_decay)
     scheduler = _schedule(optimizer, cfg.warmup_steps, cfg.steps)
     pos_weight = dense_pos_weights(train, module.heads, cfg.dense_pos_weight_cap)
+    loop = None
+    factor = lambda: boost_factor(loop.step, cfg.steps, cfg.lesion_boost, cfg.lesion_boost_hold,  # noqa: E731
+                                  cfg.lesion_boost_until)
     loop = TrainLoop(module, optimizer, scheduler, make_loader_factory(dataset, sampler, collate),
-                     make_stage_loss(cfg.dense_weight, pos_weight), run_dir=cfg.run_dir, max_steps=cfg.steps,
+                     make_stage_loss(cfg.dense_weight, pos_weight, factor), run_dir=cfg.run_dir, max_steps=cfg.steps,
                      log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, keep_last=cfg.keep_last, mixed_precision="no",
                      grad_clip=cfg.grad_clip, seed=cfg.seed, tensorboard=cfg.tensorboard, accelerator=acc, config=cfg,
                      progress=progress)
@@ -810,7 +892,8 @@ def run_from_config(recipe, overrides: Sequence[str] = (), progress: bool = True
             "val_class_recall": metrics["val_class_recall"]}
 
 
-__all__ = ["EncoderHeads", "EncoderRecipe", "EncoderStageConfig", "MapLayout", "StageItem", "collate", "dense_losses",
+__all__ = ["EncoderHeads", "EncoderRecipe", "EncoderStageConfig", "MapLayout", "StageItem", "boost_factor", "boosted",
+           "collate", "dense_losses", "lesion_boost_map",
            "dense_pos_weights", "encode", "evaluate_heads", "feature_stem", "load_items", "make_stage_loss",
            "map_layouts", "pool_features", "read_cases", "region_box", "run_from_config", "save_encoder_run",
            "task_losses", "token_layout", "train_encoders"]

@@ -147,16 +147,24 @@ def _lesion_params(rng: np.random.Generator, spacing: tuple[float, float, float]
     return les
 
 
+def lesion_mask(shape, spacing, center, radius: float) -> np.ndarray:
+    """Voxels of a lesion sphere: bool ``(D, H, W)``, True where the voxel centre lies within ``radius``
+    mm of ``center`` (voxel indices ``(d, h, w)``), with ``spacing`` (mm per voxel along each axis).
+    The generator draws lesions with it; a truth entry gives them back as
+    ``lesion_mask(truth["shape"], truth["spacing_mm"], lesion["center_dhw"], lesion["diameter_mm"] / 2)``."""
+    z, y, x = (np.arange(n, dtype=np.float32) for n in shape)
+    dist2 = (((z - center[0]) * spacing[0]) ** 2)[:, None, None] + (((y - center[1]) * spacing[1]) ** 2)[None, :, None] \
+        + (((x - center[2]) * spacing[2]) ** 2)[None, None, :]
+    return dist2 <= radius * radius
+
+
 def _draw_lesion(hu: np.ndarray, lab: np.ndarray, les: dict, spacing) -> dict:
     """Add the lesion sphere to ``hu`` in place; return its truth entry."""
     label = _LESION_ORGANS[les["side"]][les["organ"]]
     margin = max(spacing[1], spacing[2])  # keep one in-plane voxel of organ around it
     center, radius = pick_center(lab == label, les["diameter_mm"] / 2, margin, les["u"],
                                  sampling=spacing, min_radius=min(spacing))
-    z, y, x = (np.arange(n, dtype=np.float32) for n in hu.shape)
-    dist2 = (((z - center[0]) * spacing[0]) ** 2)[:, None, None] + (((y - center[1]) * spacing[1]) ** 2)[None, :, None] \
-        + (((x - center[2]) * spacing[2]) ** 2)[None, None, :]
-    mask = dist2 <= radius * radius  # (D, H, W)
+    mask = lesion_mask(hu.shape, spacing, center, radius)  # (D, H, W)
     hu[mask] += les["delta"]
     slices = np.flatnonzero(mask.any(axis=(1, 2)))
     return {"present": True, "organ": les["organ"], "side": les["side"],
