@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from medmllm.data.phantoms.volume import generate_ct_volume
+from medmllm.data.phantoms.volume import generate_ct_volume, lesion_mask
 from medmllm.errors import InputError
 
 SHAPE = (32, 64, 64)
@@ -84,6 +84,21 @@ def test_lesion_voxels_match_truth_and_are_visible():
         rim = vol[shell].astype(float)
         sigma = 1.4826 * np.median(np.abs(rim - np.median(rim)))
         assert abs(vol[mask].mean() - rim.mean()) > 2 * sigma, (i, les, sigma)
+
+
+def test_truth_gives_back_the_lesion_voxels():
+    """lesion_mask from the truth alone (centre, rounded diameter, spacing) finds the voxels the lesion changed,
+    up to the rim voxels the diameter's rounding to 0.01 mm can flip."""
+    changed = flipped = 0
+    for i in range(40):
+        vol, t = generate_ct_volume(rng(5, i), overrides={"lesion": True})
+        twin, _ = generate_ct_volume(rng(5, i), overrides={"lesion": False})
+        les = t["findings"]["lesion"]
+        mask = lesion_mask(t["shape"], t["spacing_mm"], les["center_dhw"], les["diameter_mm"] / 2)
+        assert mask.shape == vol.shape and mask[tuple(les["center_dhw"])]
+        changed += int((vol != twin).sum())
+        flipped += int((mask != (vol != twin)).sum())
+    assert changed > 0 and flipped <= 0.01 * changed, (flipped, changed)
 
 
 def test_lesions_balanced():
