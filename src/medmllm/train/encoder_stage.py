@@ -824,9 +824,8 @@ def _run(module: _StageModule, train: list[StageItem], val: list[StageItem], kin
                                   weight_decay=cfg.weight_decay)
     scheduler = _schedule(optimizer, cfg.warmup_steps, cfg.steps)
     pos_weight = dense_pos_weights(train, module.heads, cfg.dense_pos_weight_cap)
-    loop = None
     factor = lambda: boost_factor(loop.step, cfg.steps, cfg.lesion_boost, cfg.lesion_boost_hold,  # noqa: E731
-                                  cfg.lesion_boost_until)
+                                  cfg.lesion_boost_until)          # read when the loss runs: the loop's step
     loop = TrainLoop(module, optimizer, scheduler, make_loader_factory(dataset, sampler, collate),
                      make_stage_loss(cfg.dense_weight, pos_weight, factor), run_dir=cfg.run_dir, max_steps=cfg.steps,
                      log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, keep_last=cfg.keep_last, mixed_precision="no",
@@ -894,7 +893,7 @@ def run_from_config(recipe, overrides: Sequence[str] = (), progress: bool = True
 
 
 __all__ = ["EncoderHeads", "EncoderRecipe", "EncoderStageConfig", "MapLayout", "StageItem", "boost_factor", "boosted",
-           "collate", "dense_losses", "lesion_boost_map",
-           "dense_pos_weights", "encode", "evaluate_heads", "feature_stem", "load_items", "make_stage_loss",
+           "collate", "dense_losses", "dense_pos_weights", "encode", "evaluate_heads", "feature_stem",
+           "lesion_boost_map", "load_items", "make_stage_loss",
            "map_layouts", "pool_features", "read_cases", "region_box", "run_from_config", "save_encoder_run",
            "task_losses", "token_layout", "train_encoders"]
