@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
@@ -10,12 +11,13 @@ import torch
 
 from medmllm.data.dataset import ModalityShapes
 from medmllm.data.phantoms.build import build_phantoms
-from medmllm.errors import ConfigError
+from medmllm.errors import ConfigError, InputError
 from medmllm.model.builders import small, tiny
 from medmllm.train.checkpoint import list_checkpoints
 from medmllm.train.encoder_stage import (EncoderHeads, EncoderStageConfig, MapLayout, boost_factor, boosted,
-                                         collate, dense_losses, lesion_boost_map, load_items, map_layouts,
-                                         pool_features, read_cases, region_box, train_encoders)
+                                         collate, dense_losses, lesion_boost_map, lesion_voxels, load_items,
+                                         map_layouts, pool_features, read_cases, region_box, train_encoders,
+                                         voxel_loss)
 
 SHAPES = ModalityShapes(image_size=32, volume_shape=(8, 16, 16), signal_samples=500)
 
@@ -68,10 +70,10 @@ def test_map_layouts_of_the_small_and_tiny_encoders():
     assert map_layouts(model.encoders["image"], "image", shapes) == [
         MapLayout("11", 32, 64, 64), MapLayout("17", 64, 32, 32), MapLayout("23", 128, 16, 16),
         MapLayout("", 128, 4, 4, source="tokens")]
-    # small 3D CNN (width 8, 3 levels) on a 32 x 64 x 64 volume: levels 1 and 2 at 16x32x32 and 8x16x16,
-    # then its 4 x 2 x 2 grid tokens of width 128
+    # small 3D CNN (width 8, 4 levels) on a 32 x 64 x 64 volume: levels 1, 2 and 3 at 16x32x32, 8x16x16
+    # and 4x8x8, then its 4 x 2 x 2 grid tokens of width 128
     assert map_layouts(model.encoders["volume"], "volume", shapes) == [
-        MapLayout("1", 16, 32, 32, 16), MapLayout("2", 32, 16, 16, 8),
+        MapLayout("1", 16, 32, 32, 16), MapLayout("2", 32, 16, 16, 8), MapLayout("3", 64, 8, 8, 4),
         MapLayout("", 128, 2, 2, 4, source="tokens")]
     assert map_layouts(model.encoders["signal"], "signal", shapes) == []
     model, _ = tiny()
@@ -292,3 +294,79 @@ def test_train_encoders_with_the_curriculum_changes_only_the_volume_encoder(buil
     ia, ib = a.encoders["image"].state_dict(), b.encoders["image"].state_dict()
     assert all(torch.equal(ia[k], ib[k]) for k in ia)                      # other kinds untouched by it
     assert ra["steps"] == rb["steps"] == 4
+
+
+# ----------------------------------------------------------------------------- voxel loss
+
+def test_lesion_voxels_are_where_the_lesion_twin_differs(build):
+    """A lesion volume and its counterfactual twin (same case, lesion removed) differ exactly on the
+    voxels :func:`lesion_voxels` marks; the twin's mask is empty; non-CT cases have none."""
+    from medmllm.data.dataset import PartLoader
+
+    shapes = ModalityShapes(volume_window="multi")
+    cases = read_cases(build)
+    by_id = {c["case_id"]: c for c in cases}
+    pairs = [(by_id[c["counterfactual_of"]], c) for c in cases
+             if c["modality"] == "ct3d" and c.get("counterfactual_of") in by_id]
+    assert pairs
+    checked = 0
+    for a, b in pairs:
+        la, lb = a["truth"]["findings"]["lesion"]["present"], b["truth"]["findings"]["lesion"]["present"]
+        if la == lb:
+            continue
+        with_lesion, without = (a, b) if la else (b, a)
+        items = load_items(build, [with_lesion, without], ["volume"], PartLoader(shapes), voxels=True)
+        differs = (items[0].tensor - items[1].tensor).abs().sum(0) > 1e-3              # [D, H, W]
+        marked = lesion_voxels(with_lesion, items[0].tensor.shape)[0] > 0.5
+        assert int(differs.sum()) > 0 and torch.equal(differs, marked)
+        assert torch.equal(items[0].voxels.float() / 255, lesion_voxels(with_lesion, items[0].tensor.shape))
+        assert not lesion_voxels(without, items[1].tensor.shape).any()
+        checked += 1
+    assert checked
+    other = next(c for c in cases if c["modality"] != "ct3d")
+    assert lesion_voxels(other, (1, 8, 16, 16)) is None
+
+
+def test_voxel_loss_by_hand_skips_unlabelled_rows():
+    logits = torch.zeros(3, 1, 2, 2, 2)
+    voxels = torch.zeros(3, 1, 4, 4, 4)
+    voxels[0, 0, :2, :2, :2] = 1.0                                   # one whole half-resolution voxel of 8
+    voxels[2] = math.nan                                             # row 2: not labelled
+    # BCE at p = 0.5 is log 2 whatever the target; Dice over the 2 labelled rows: p sums to 8, target to 1
+    want = math.log(2) + 1 - (2 * 0.5 + 1) / (8 + 1 + 1)
+    assert voxel_loss(logits, voxels).item() == pytest.approx(want, rel=1e-6)
+    assert voxel_loss(logits[2:], voxels[2:]) is None
+    # a confident right answer costs far less than a confident wrong one
+    right = torch.full((1, 1, 2, 2, 2), -8.0)
+    right[0, 0, 0, 0, 0] = 8.0
+    assert voxel_loss(right, voxels[:1]) < 0.05 < voxel_loss(-right, voxels[:1])
+
+
+def _decoder_model():
+    from medmllm.model.encoders.volume import CNNVolumeEncoder
+
+    model, _ = tiny()
+    torch.manual_seed(0)
+    model.encoders["volume"] = CNNVolumeEncoder(in_channels=1, width=2, depth=3, out_dim=16, grid=(2, 2, 2),
+                                                decoder=True)
+    return model
+
+
+def test_train_encoders_voxel_loss_trains_the_decoder_and_extra_builds_add_cases(build, tmp_path):
+    a, b = _decoder_model(), _decoder_model()
+    start = {k: v.clone() for k, v in a.encoders["volume"].state_dict().items()}
+    kw = dict(steps=4, kinds=["volume"], eval_split="validation")
+    ra = train_encoders(a, build, _cfg(build, tmp_path / "a", voxel_weight=0.0, **kw), shapes=SHAPES, progress=False)
+    rb = train_encoders(b, build, _cfg(build, tmp_path / "b", voxel_weight=5.0, extra_data=[str(build)], **kw),
+                        shapes=SHAPES, progress=False)
+    head_a, head_b = a.encoders["volume"].voxel_head.weight, b.encoders["volume"].voxel_head.weight
+    assert not torch.equal(head_a, start["voxel_head.weight"])          # the tokens' tasks reach it too
+    assert not torch.equal(head_a, head_b)                               # the voxel loss changes what it learns
+    n_ct3d = sum(c["modality"] == "ct3d" for c in read_cases(build))
+    assert rb["train_cases"] == ra["train_cases"] + n_ct3d              # every split of the extra build
+    with pytest.raises(InputError, match="cases.jsonl"):
+        train_encoders(_decoder_model(), build, _cfg(build, tmp_path / "c", extra_data=[str(tmp_path / "none")], **kw),
+                       shapes=SHAPES, progress=False)
+    assert not (tmp_path / "c").exists()
+    with pytest.raises(ConfigError, match="voxel_weight"):
+        EncoderStageConfig(data="x", voxel_weight=-1.0)

@@ -60,7 +60,14 @@ class EncoderStageConfig:
     heads (AdamW, ``warmup_steps`` linear warm-up then cosine to 0). ``kind_weights``: share of the
     samples per kind (kinds not listed: 1; None: every case equally likely). ``dense_weight``:
     weight of the dense (where-is-it) tasks, 0 = off; ``dense_pos_weight_cap`` bounds the weight of
-    the (rare) positive cells, which is otherwise negatives / positives.
+    the (rare) positive cells, which is otherwise negatives / positives. ``extra_data``: more MedPhantom
+    builds (e.g. a volume-only one, ``medmllm phantoms --modalities ct3d``) whose cases of every split are
+    added to the training cases; validation stays on ``data``'s ``eval_split``.
+
+    Voxel loss (``voxel_weight`` > 0, for a volume encoder that returns ``aux["voxel_logits"]``, e.g.
+    ``CNNVolumeEncoder(decoder=True)``): binary cross-entropy + soft Dice (over the batch) between those
+    logits and the lesion's voxels from the case's truth (:func:`lesion_voxels`, averaged onto the logits'
+    grid); volumes without a lesion have an empty mask.
 
     Contrast curriculum for 3D lesions (``lesion_boost`` > 1): each training volume's lesion is drawn
     with ``factor`` times its HU difference from its organ, ``factor`` = ``lesion_boost`` for the first
@@ -76,6 +83,7 @@ class EncoderStageConfig:
     """
 
     data: str
+    extra_data: list[str] = dataclasses.field(default_factory=list)
     run_dir: str = "runs/encoder"
     steps: int = 300
     batch_size: int = 32
@@ -89,6 +97,7 @@ class EncoderStageConfig:
     channels_last: bool = True
     dense_weight: float = 2.0
     dense_pos_weight_cap: float = 30.0
+    voxel_weight: float = 1.0
     lesion_boost: float = 1.0
     lesion_boost_hold: float = 0.4
     lesion_boost_until: float = 0.8
@@ -108,7 +117,8 @@ class EncoderStageConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < low:
                 raise ConfigError(f"encoder.{name}: expected an int >= {low}, got {v!r}")
-        for name, low, strict in (("lr", 0.0, True), ("dense_weight", 0.0, False), ("dense_pos_weight_cap", 1.0, False)):
+        for name, low, strict in (("lr", 0.0, True), ("dense_weight", 0.0, False), ("dense_pos_weight_cap", 1.0, False),
+                                  ("voxel_weight", 0.0, False)):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or v < low or (strict and v == low):
                 raise ConfigError(f"encoder.{name}: expected a number {'>' if strict else '>='} {low:g}, got {v!r}")
@@ -318,8 +328,12 @@ def encode(encoder: nn.Module, kind: str, x: torch.Tensor):
     return encoder(x)
 
 
+VOXEL_KEY = "voxel_logits"   # an encoder's aux output the voxel loss reads
+
+
 class _StageModule(nn.Module):
-    """What the loop trains: the model's encoders (shared, not copied) + the heads.
+    """What the loop trains: the model's encoders (shared, not copied) + the heads. Outputs: the heads'
+    ``{kind: {task: logits}}``, plus ``VOXEL_KEY`` for an encoder that gives voxel logits.
 
     The encoders of ``bf16_kinds`` run under bf16 autocast; the heads always run in float32. For the
     kinds with dense heads, forward hooks on the stem levels keep their maps for the heads; call
@@ -363,6 +377,8 @@ class _StageModule(nn.Module):
                                      x.shape[0]) for i, lay in enumerate(self.heads.layouts[kind])]
             with torch.autocast(x.device.type, enabled=False):
                 out[kind] = self.heads(kind, enc.features.float(), enc.mask, cells)
+            if VOXEL_KEY in enc.aux:
+                out[kind][VOXEL_KEY] = enc.aux[VOXEL_KEY]                   # [N_k, 1, d, h, w]
         return out
 
 
@@ -380,17 +396,42 @@ class StageItem:
     labels: torch.Tensor
     boxes: torch.Tensor = dataclasses.field(default_factory=lambda: torch.zeros(0, 6))
     boost: Optional[torch.Tensor] = None
+    voxels: Optional[torch.Tensor] = None
+
+
+def lesion_voxels(case: dict, tensor_shape: Sequence[int]) -> torch.Tensor | None:
+    """For a MedPhantom CT volume: ``[1, D, H, W]`` float in [0, 1], the part of each voxel of the loaded
+    tensor (``tensor_shape`` ``[C, D, H, W]``) inside the lesion sphere of the case's truth
+    (:func:`medmllm.data.phantoms.volume.lesion_mask`, resampled trilinearly when the grids differ); all
+    zeros when the truth says there is no lesion; None for cases without a lesion truth (not ct3d)."""
+    from medmllm.data.phantoms.volume import lesion_mask
+
+    truth = case.get("truth") or {}
+    lesion = (truth.get("findings") or {}).get("lesion")
+    if case.get("modality") != "ct3d" or not isinstance(lesion, dict):
+        return None
+    grid = tuple(int(n) for n in tensor_shape[1:])
+    if not lesion.get("present"):
+        return torch.zeros((1, *grid))
+    try:
+        mask = lesion_mask(truth["shape"], truth["spacing_mm"], lesion["center_dhw"], float(lesion["diameter_mm"]) / 2)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InputError(f"{case.get('case_id', '<case>')}.truth",
+                         f"expected the lesion's center_dhw, diameter_mm, shape and spacing_mm: {exc!r}") from None
+    m = torch.from_numpy(mask.astype("float32"))[None, None]                          # [1, 1, D0, H0, W0]
+    if tuple(m.shape[2:]) != grid:
+        m = F.interpolate(m, size=grid, mode="trilinear", align_corners=False)
+    return m[0]                                                                       # [1, D, H, W]
 
 
 def lesion_boost_map(case: dict, part: dict, tensor_shape: Sequence[int], shapes: ModalityShapes) -> torch.Tensor | None:
     """For a MedPhantom CT volume with a lesion: ``[C, D, H, W]`` float, the change of the loaded tensor
     (``tensor_shape``, windowed as :class:`PartLoader` windows it) when the lesion's HU difference from
     its organ is added once more: ``hu_delta * mask * window slope`` per channel, the mask (the lesion
-    sphere, :func:`medmllm.data.phantoms.volume.lesion_mask`) resampled to the tensor's grid. Exact
-    for voxels inside every window; a caller clamps to [0, 1]. None for other cases."""
+    sphere, :func:`lesion_voxels`) on the tensor's grid. Exact for voxels inside every window; a caller
+    clamps to [0, 1]. None for other cases."""
     import numpy as np
 
-    from medmllm.data.phantoms.volume import lesion_mask
     from medmllm.data.preprocess import CT_WINDOWS, window_preset
 
     truth = case.get("truth") or {}
@@ -398,20 +439,16 @@ def lesion_boost_map(case: dict, part: dict, tensor_shape: Sequence[int], shapes
     if case.get("modality") != "ct3d" or not lesion.get("present"):
         return None
     try:
-        mask = lesion_mask(truth["shape"], truth["spacing_mm"], lesion["center_dhw"], float(lesion["diameter_mm"]) / 2)
         delta = float(lesion["hu_delta"])
     except (KeyError, TypeError, ValueError) as exc:
-        raise InputError(f"{case.get('case_id', '<case>')}.truth",
-                         f"expected the lesion's center_dhw, diameter_mm, hu_delta, shape and spacing_mm: {exc!r}") from None
+        raise InputError(f"{case.get('case_id', '<case>')}.truth", f"expected the lesion's hu_delta: {exc!r}") from None
+    voxels = lesion_voxels(case, tensor_shape)                                         # [1, D, H, W]
     window = (part.get("options") or {}).get("window") or shapes.volume_window
     names = list(shapes.volume_windows) if window == "multi" else [window]
     # the window's slope (output per HU) where it is linear: 1 / (width - 1) for the DICOM 'linear' function
     slopes = torch.tensor([float(np.diff(window_preset(np.array([c, c + 1.0]), n))[0])
                            for n in names for c in [CT_WINDOWS.get(n)[0]]], dtype=torch.float32)
-    m = torch.from_numpy(mask.astype("float32"))[None, None]                          # [1, 1, D, H, W]
-    if tuple(m.shape[2:]) != tuple(tensor_shape[1:]):
-        m = F.interpolate(m, size=tuple(tensor_shape[1:]), mode="trilinear", align_corners=False)
-    return (delta * slopes)[:, None, None, None] * m[0]                                 # [C, D, H, W]
+    return (delta * slopes)[:, None, None, None] * voxels                              # [C, D, H, W]
 
 
 def boost_factor(step: int, total: int, boost: float, hold: float, until: float) -> float:
@@ -437,9 +474,10 @@ def read_cases(build_dir: str | Path) -> list[dict]:
 
 
 def load_items(build_dir: str | Path, cases: Sequence[dict], kinds: Sequence[str], loader: PartLoader,
-               dense_kinds: Sequence[str] = (), boost: bool = False) -> list[StageItem]:
+               dense_kinds: Sequence[str] = (), boost: bool = False, voxels: bool = False) -> list[StageItem]:
     """Load each case of ``kinds`` once (its record part through ``loader``) with its labels,
-    finding boxes for ``dense_kinds`` and, with ``boost``, each lesion volume's :func:`lesion_boost_map`.
+    finding boxes for ``dense_kinds``, with ``boost`` each lesion volume's :func:`lesion_boost_map`
+    and with ``voxels`` each CT volume's :func:`lesion_voxels` (kept as uint8 at 1/255 steps).
     A case whose file cannot be read is skipped (warning)."""
     from medmllm.data.phantoms.labels import LABEL_TASKS, REGION_TASKS, case_kind, case_labels, case_part, \
         case_regions
@@ -462,15 +500,19 @@ def load_items(build_dir: str | Path, cases: Sequence[dict], kinds: Sequence[str
             item.boxes = torch.stack([region_box(regions[t]) for t in REGION_TASKS[kind]])   # [R, 6]
         if boost and kind == "volume":
             item.boost = lesion_boost_map(case, part, tuple(tensor.shape), loader.shapes)
+        if voxels and kind == "volume":
+            v = lesion_voxels(case, tuple(tensor.shape))
+            item.voxels = None if v is None else (v * 255).round().to(torch.uint8)   # 4x smaller than float
         items.append(item)
     return items
 
 
 def collate(items: Sequence[StageItem]) -> dict:
     """Items -> ``{"index": [B], "inputs": {kind: [N_k, ...]}, "labels": {kind: [N_k, T_k]},
-    "boxes": {kind: [N_k, R_k, 6]}, "boost": {kind: [N_k, ...]}}`` (kinds in first-seen order; boxes
-    only for kinds that have them; boost only for kinds where an item has one, zeros for the others;
-    ``index`` is the item's position in the batch)."""
+    "boxes": {kind: [N_k, R_k, 6]}, "boost": {kind: [N_k, ...]}, "voxels": {kind: [N_k, 1, D, H, W]}}``
+    (kinds in first-seen order; boxes only for kinds that have them; boost only for kinds where an item
+    has one, zeros for the others; voxels (float in [0, 1]) only for kinds where an item has them, NaN
+    for the others; ``index`` is the item's position in the batch)."""
     by_kind: dict[str, list[StageItem]] = {}
     for it in items:
         by_kind.setdefault(it.kind, []).append(it)
@@ -480,7 +522,10 @@ def collate(items: Sequence[StageItem]) -> dict:
             "boxes": {k: torch.stack([it.boxes for it in group]) for k, group in by_kind.items()
                       if group[0].boxes.numel()},
             "boost": {k: torch.stack([it.boost if it.boost is not None else torch.zeros_like(it.tensor) for it in group])
-                      for k, group in by_kind.items() if any(it.boost is not None for it in group)}}
+                      for k, group in by_kind.items() if any(it.boost is not None for it in group)},
+            "voxels": {k: torch.stack([it.voxels.float() / 255 if it.voxels is not None
+                                       else torch.full((1, *it.tensor.shape[1:]), math.nan) for it in group])
+                       for k, group in by_kind.items() if any(it.voxels is not None for it in group)}}
 
 
 class _ListDataset(torch.utils.data.Dataset):
@@ -557,6 +602,22 @@ def dense_pos_weights(items: Sequence[StageItem], heads: EncoderHeads, cap: floa
     return out
 
 
+def voxel_loss(logits: torch.Tensor, voxels: torch.Tensor) -> torch.Tensor | None:
+    """Binary cross-entropy + soft Dice between ``logits [N, 1, d, h, w]`` and the lesion part of each
+    voxel ``voxels [N, 1, D, H, W]`` (NaN rows: n/a, left out), averaged onto the logits' grid. Dice
+    is taken over the whole batch (volumes without a lesion add only to its false positives), with
+    1 added to numerator and denominator. None when no row is labelled."""
+    valid = ~torch.isnan(voxels.flatten(1)[:, 0])                            # [N]
+    if not bool(valid.any()):
+        return None
+    x = logits[valid].float()
+    target = F.adaptive_avg_pool3d(voxels[valid].to(x), x.shape[2:])         # [N', 1, d, h, w]
+    bce = F.binary_cross_entropy_with_logits(x, target)
+    p = torch.sigmoid(x)
+    dice = 1 - (2 * (p * target).sum() + 1) / (p.sum() + target.sum() + 1)
+    return bce + dice
+
+
 def boosted(inputs: dict[str, torch.Tensor], boost: dict[str, torch.Tensor], factor: float) -> dict:
     """``inputs`` with ``(factor - 1) * boost[kind]`` added and clamped to [0, 1] for the kinds in ``boost``
     (the lesion drawn at ``factor`` times its contrast); unchanged when ``factor`` is 1."""
@@ -565,9 +626,10 @@ def boosted(inputs: dict[str, torch.Tensor], boost: dict[str, torch.Tensor], fac
     return {k: (x + (factor - 1.0) * boost[k].to(x)).clamp(0.0, 1.0) if k in boost else x for k, x in inputs.items()}
 
 
-def make_stage_loss(dense_weight: float, pos_weight: dict | None = None, factor=lambda: 1.0):
-    """The loop's loss: per kind present, mean task loss + ``dense_weight`` * mean dense loss; summed
-    over kinds. Per-kind values are returned as ``loss_<kind>`` for every kind of the heads (the loop
+def make_stage_loss(dense_weight: float, pos_weight: dict | None = None, factor=lambda: 1.0,
+                    voxel_weight: float = 0.0):
+    """The loop's loss: per kind present, mean task loss + ``dense_weight`` * mean dense loss
+    + ``voxel_weight`` * :func:`voxel_loss` (kinds whose encoder gives voxel logits); summed over kinds. Per-kind values are returned as ``loss_<kind>`` for every kind of the heads (the loop
     wants the same keys each step): 0 on a batch without that kind. ``factor()``: the contrast
     curriculum's factor for this step (see :func:`boosted`)."""
 
@@ -582,6 +644,10 @@ def make_stage_loss(dense_weight: float, pos_weight: dict | None = None, factor=
                 parts.append(torch.stack(list(per_task[kind].values())).mean())
             if per_dense.get(kind):
                 parts.append(dense_weight * torch.stack(list(per_dense[kind].values())).mean())
+            if voxel_weight and VOXEL_KEY in outputs[kind] and kind in (batch.get("voxels") or {}):
+                vl = voxel_loss(outputs[kind][VOXEL_KEY], batch["voxels"][kind])
+                if vl is not None:
+                    parts.append(voxel_weight * vl)
             if parts:
                 per_kind[kind] = torch.stack(parts).sum()
         if not per_kind:
@@ -770,12 +836,15 @@ def train_encoders(model, build_dir: str | Path, cfg: EncoderStageConfig, *,
 
         shapes = modality_shapes_for(model)
     cases = read_cases(build_dir)
+    extra = [(d, read_cases(d)) for d in cfg.extra_data]     # a missing extra build fails before loading
     kinds = _stage_kinds(model, cases, cfg.kinds)
     layouts = {k: lays for k in kinds if cfg.dense_weight and k in REGION_TASKS
                for lays in [map_layouts(model.encoders[k], k, shapes)] if lays}
     loader = PartLoader(shapes, cache_items=0)   # each case is read once and kept as a tensor
-    train = load_items(build_dir, [c for c in cases if c.get("split") == "train"], kinds, loader, list(layouts),
-                       boost=cfg.lesion_boost > 1)
+    options = dict(dense_kinds=list(layouts), boost=cfg.lesion_boost > 1, voxels=cfg.voxel_weight > 0)
+    train = load_items(build_dir, [c for c in cases if c.get("split") == "train"], kinds, loader, **options)
+    for extra_dir, extra_cases in extra:
+        train += load_items(extra_dir, extra_cases, kinds, loader, **options)
     val = load_items(build_dir, [c for c in cases if c.get("split") == cfg.eval_split], kinds, loader, list(layouts))
     if not train:
         raise InputError(Path(build_dir) / "cases.jsonl", f"expected train-split cases of kinds {kinds}, found none")
@@ -827,7 +896,7 @@ def _run(module: _StageModule, train: list[StageItem], val: list[StageItem], kin
     factor = lambda: boost_factor(loop.step, cfg.steps, cfg.lesion_boost, cfg.lesion_boost_hold,  # noqa: E731
                                   cfg.lesion_boost_until)          # read when the loss runs: the loop's step
     loop = TrainLoop(module, optimizer, scheduler, make_loader_factory(dataset, sampler, collate),
-                     make_stage_loss(cfg.dense_weight, pos_weight, factor), run_dir=cfg.run_dir, max_steps=cfg.steps,
+                     make_stage_loss(cfg.dense_weight, pos_weight, factor, cfg.voxel_weight), run_dir=cfg.run_dir, max_steps=cfg.steps,
                      log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, keep_last=cfg.keep_last, mixed_precision="no",
                      grad_clip=cfg.grad_clip, seed=cfg.seed, tensorboard=cfg.tensorboard, accelerator=acc, config=cfg,
                      progress=progress)
@@ -894,6 +963,6 @@ def run_from_config(recipe, overrides: Sequence[str] = (), progress: bool = True
 
 __all__ = ["EncoderHeads", "EncoderRecipe", "EncoderStageConfig", "MapLayout", "StageItem", "boost_factor", "boosted",
            "collate", "dense_losses", "dense_pos_weights", "encode", "evaluate_heads", "feature_stem",
-           "lesion_boost_map", "load_items", "make_stage_loss",
+           "lesion_boost_map", "lesion_voxels", "load_items", "make_stage_loss",
            "map_layouts", "pool_features", "read_cases", "region_box", "run_from_config", "save_encoder_run",
-           "task_losses", "token_layout", "train_encoders"]
+           "task_losses", "token_layout", "train_encoders", "voxel_loss"]

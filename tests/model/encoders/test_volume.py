@@ -233,3 +233,34 @@ def test_cnn_volume_a_small_lesion_reaches_only_its_cell_and_the_global_token():
 def test_cnn_volume_grads_finite():
     enc = CNNVolumeEncoder(in_channels=1, width=4, depth=2, out_dim=8, grid=(2, 2, 2))
     _check_finite_grads(enc, _weighted_loss(enc(_volume((2, 1, 8, 16, 16))).features))
+
+
+def test_cnn_volume_decoder_gives_half_resolution_voxel_logits_read_by_the_tokens():
+    torch.manual_seed(0)
+    enc = CNNVolumeEncoder(in_channels=3, width=2, depth=4, out_dim=8, grid=(2, 2, 2), decoder=True).eval()
+    x = _volume((2, 3, 16, 32, 32))
+    out = enc(x)
+    assert out.features.shape == (2, 9, 8) and enc.num_tokens((3, 16, 32, 32)) == 9
+    assert out.aux["voxel_logits"].shape == (2, 1, 8, 16, 16)
+    # the logits start at a ~1% lesion prior
+    assert abs(torch.sigmoid(enc.voxel_head.bias).item() - 0.01) < 1e-6
+    # the tokens read the voxel logits: shifting them shifts every token (each cell's max moves)
+    with torch.no_grad():
+        enc.voxel_head.bias += 3.0
+    shifted = enc(x)
+    assert torch.allclose(shifted.aux["voxel_logits"], out.aux["voxel_logits"] + 3.0, atol=1e-5)
+    assert ((shifted.features - out.features).abs().amax(-1) > 1e-4).all()
+    no_dec = CNNVolumeEncoder(in_channels=3, width=2, depth=4, out_dim=8, grid=(2, 2, 2))
+    assert "voxel_logits" not in no_dec(x).aux and not hasattr(no_dec, "voxel_head")
+
+
+def test_cnn_volume_decoder_and_norm_config_errors_and_instance_norm():
+    with pytest.raises(ConfigError, match="depth >= 2"):
+        CNNVolumeEncoder(depth=1, decoder=True)
+    with pytest.raises(ConfigError, match="norm"):
+        CNNVolumeEncoder(norm="group")
+    enc = CNNVolumeEncoder(in_channels=1, width=2, depth=3, out_dim=8, grid=(2, 2, 2), decoder=True, norm="instance")
+    assert any(isinstance(m, torch.nn.InstanceNorm3d) for m in enc.modules())
+    assert not any(isinstance(m, torch.nn.BatchNorm3d) for m in enc.modules())
+    out = enc(_volume((2, 1, 8, 16, 16)))
+    _check_finite_grads(enc, _weighted_loss(out.features) + out.aux["voxel_logits"].mean())
