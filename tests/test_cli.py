@@ -57,3 +57,13 @@ def test_phantoms_small_build(tmp_path):
     assert (out / "DATASHEET.md").exists() and (out / "records" / "train.jsonl").exists()
     assert "25 cases (seed 3)" in res.output
     assert (out / "gallery.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_phantoms_modalities_restricts_the_build(tmp_path):
+    out = tmp_path / "ct3d"
+    res = runner.invoke(app, ["phantoms", "--out", str(out), "--n", "6", "--workers", "1", "--no-gallery",
+                              "--modalities", "ct3d"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "summary.json").read_text())["modalities"] == {"ct3d": 6}
+    res = runner.invoke(app, ["phantoms", "--out", str(tmp_path / "bad"), "--n", "2", "--modalities", "pet"])
+    assert res.exit_code != 0 and "pet" in res.output

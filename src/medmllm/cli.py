@@ -99,12 +99,14 @@ def phantoms_cmd(
     seed: int = typer.Option(0, "--seed", help="Random seed: same seed, byte-identical output."),
     workers: Optional[int] = typer.Option(None, help="Worker processes (default: up to 2)."),
     gallery: bool = typer.Option(True, "--gallery/--no-gallery", help="Draw gallery.png with example cases."),
+    modalities: Optional[list[str]] = typer.Option(
+        None, "--modalities", help="Only these modalities (repeat the option), e.g. --modalities ct3d."),
 ) -> None:
     """Generate MedPhantom: a seeded synthetic medical dataset with exact ground truth."""
     from medmllm.data.phantoms.build import build_phantoms
 
     try:
-        summary = build_phantoms(out, n, seed=seed, workers=workers)
+        summary = build_phantoms(out, n, seed=seed, workers=workers, modalities=modalities or None)
     except MedmllmError as exc:
         _fail(exc)
     mods = ", ".join(f"{k} {v}" for k, v in summary.get("modalities", {}).items())
