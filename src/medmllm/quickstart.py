@@ -64,8 +64,8 @@ class QuickstartPlan:
 
     @classmethod
     def smoke(cls) -> "QuickstartPlan":
-        return cls(n_cases=120, encoder_steps=30, encoder_batch=16, encoder_extra_volumes=8, align_steps=10, instruct_steps=30,
-                   batch_size=16, eval_limit=96, eval_batch=48)
+        return cls(n_cases=120, encoder_steps=30, encoder_batch=16, encoder_extra_volumes=8, align_steps=10,
+                   instruct_steps=30, batch_size=16, eval_limit=96, eval_batch=48)
 
 
 # ----------------------------------------------------------------------------- scoring

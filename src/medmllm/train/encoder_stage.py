@@ -12,7 +12,8 @@ loss left its encoders at chance; a supervised loss on the encoders' own feature
       -> EncoderHeads: [masked mean ; masked max] [N_k, 2D] -> one linear head per task, and per
          dense task one linear head per stem level on every cell of that level's map -> [N_k, U_l]
       -> loss = sum over kinds present of (mean of the task losses (cross-entropy | Huber)
-                + dense_weight * mean of the dense losses (positive-weighted binary cross-entropy))
+                + dense_weight * mean of the dense losses (positive-weighted binary cross-entropy)
+                + voxel_weight * voxel loss (a volume encoder's voxel logits vs the lesion's voxels))
 
 Why dense tasks: a 3-px nodule on a 128-px radiograph is learnt from ~600 images only after a long,
 erratic plateau when the only label is "nodule: yes/no" (still at chance after 700 steps of 32 in a
@@ -629,8 +630,9 @@ def boosted(inputs: dict[str, torch.Tensor], boost: dict[str, torch.Tensor], fac
 def make_stage_loss(dense_weight: float, pos_weight: dict | None = None, factor=lambda: 1.0,
                     voxel_weight: float = 0.0):
     """The loop's loss: per kind present, mean task loss + ``dense_weight`` * mean dense loss
-    + ``voxel_weight`` * :func:`voxel_loss` (kinds whose encoder gives voxel logits); summed over kinds. Per-kind values are returned as ``loss_<kind>`` for every kind of the heads (the loop
-    wants the same keys each step): 0 on a batch without that kind. ``factor()``: the contrast
+    + ``voxel_weight`` * :func:`voxel_loss` (kinds whose encoder gives voxel logits); summed over kinds.
+    Per-kind values are returned as ``loss_<kind>`` for every kind of the heads (the loop wants the same
+    keys each step): 0 on a batch without that kind. ``factor()``: the contrast
     curriculum's factor for this step (see :func:`boosted`)."""
 
     def stage_loss(module: _StageModule, batch: dict) -> dict:
