@@ -80,7 +80,7 @@ class VolumePatchViT(ModalityEncoder):
 _NORMS = {"batch": lambda c: nn.BatchNorm3d(c), "instance": lambda c: nn.InstanceNorm3d(c, affine=True)}
 
 
-def _conv3d_bn_relu(c_in: int, c_out: int, stride: int, norm: str = "batch") -> list[nn.Module]:
+def _conv3d_norm_relu(c_in: int, c_out: int, stride: int, norm: str = "batch") -> list[nn.Module]:
     return [nn.Conv3d(c_in, c_out, 3, stride=stride, padding=1, bias=False), _NORMS[norm](c_out),
             nn.ReLU(inplace=True)]
 
@@ -88,16 +88,16 @@ def _conv3d_bn_relu(c_in: int, c_out: int, stride: int, norm: str = "batch") -> 
 class CNNVolumeEncoder(ModalityEncoder):
     """Full-resolution 3D CNN stem + adaptive max pooling to ``grid = (gd, g, g)`` cells.
 
-    The stem is a Sequential of levels: level 0 one conv-bn-relu at full resolution (``width``
-    channels), each later level a stride-2 conv-bn-relu then a stride-1 one, doubling the width
-    (capped at ``8 * width``). The final map is max-pooled to ``gd x g x g`` cells (max keeps a
+    The stem is a Sequential of levels: level 0 one conv-norm-relu at full resolution (``width``
+    channels), each later level a stride-2 conv-norm-relu then a stride-1 one, doubling the width
+    (capped at ``8 * width``); ``norm`` is "batch" (BatchNorm) or "instance" (InstanceNorm, affine). The final map is max-pooled to ``gd x g x g`` cells (max keeps a
     lesion of a few voxels that averaging would dilute), each cell is projected to ``out_dim`` and
     gets a learned position embedding; ``global_token`` appends the max over the whole map.
     Input ``[B, C, D, H, W]``; ``N = gd * g * g + global_token`` whatever the input size.
 
     ``decoder`` (needs ``depth >= 2``): a U-Net decoder climbs from the last level back to level 1
     (half resolution): at each level it upsamples (trilinear), concatenates that level's stem map
-    and runs a conv-bn-relu to its width; a 1x1x1 conv then gives one voxel logit per half-resolution
+    and runs a conv-norm-relu to its width; a 1x1x1 conv then gives one voxel logit per half-resolution
     voxel, ``aux["voxel_logits"] [B, 1, D/2, H/2, W/2]`` (what a voxel-level loss trains: the encoder
     stage's lesion mask). The decoder's map and logit are max-pooled to the same cells and joined to
     the stem's before the projection, so each token carries "the most lesion-like voxel here".
@@ -121,13 +121,13 @@ class CNNVolumeEncoder(ModalityEncoder):
             raise ConfigError(f"CNNVolumeEncoder: decoder needs depth >= 2 (a level to climb back to), got depth={depth}")
         self.in_channels, self.global_token, self.decoder = in_channels, global_token, bool(decoder)
         widths = [width] + [width * 2 ** min(i, 3) for i in range(1, depth)]
-        levels: list[nn.Module] = [nn.Sequential(*_conv3d_bn_relu(in_channels, width, 1, norm))]
+        levels: list[nn.Module] = [nn.Sequential(*_conv3d_norm_relu(in_channels, width, 1, norm))]
         for c_in, c_out in zip(widths, widths[1:]):
-            levels.append(nn.Sequential(*_conv3d_bn_relu(c_in, c_out, 2, norm), *_conv3d_bn_relu(c_out, c_out, 1, norm)))
+            levels.append(nn.Sequential(*_conv3d_norm_relu(c_in, c_out, 2, norm), *_conv3d_norm_relu(c_out, c_out, 1, norm)))
         self.stem = nn.Sequential(*levels)
         token_channels = widths[-1]
         if self.decoder:   # up[j] climbs from level j + 2 to level j + 1 (its skip); applied deepest first
-            self.up = nn.ModuleList(nn.Sequential(*_conv3d_bn_relu(widths[j + 2] + widths[j + 1], widths[j + 1], 1, norm))
+            self.up = nn.ModuleList(nn.Sequential(*_conv3d_norm_relu(widths[j + 2] + widths[j + 1], widths[j + 1], 1, norm))
                                     for j in range(depth - 2))
             self.voxel_head = nn.Conv3d(widths[1], 1, 1)
             # start at a lesion prior of ~1% of voxels (not 50%): from 0 the loss first spends its steps
@@ -142,7 +142,8 @@ class CNNVolumeEncoder(ModalityEncoder):
         return math.prod(self.grid) + int(self.global_token)
 
     def _decode(self, skips: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stem maps of levels 1..L-1 -> (decoder map at level 1 ``[B, C1, D', H', W']``, voxel logits ``[B, 1, D', H', W']``)."""
+        """Stem maps of levels 1..L-1 -> (decoder map at level 1 ``[B, C1, D', H', W']``,
+        voxel logits ``[B, 1, D', H', W']``)."""
         u = skips[-1]
         for j in reversed(range(len(self.up))):
             skip = skips[j]                                              # level j + 1
@@ -159,17 +160,13 @@ class CNNVolumeEncoder(ModalityEncoder):
             x = level(x)
             maps.append(x)
         fmap = maps[-1]                                                  # [B, C', D', H', W']
-        aux = {}
+        pooled, aux = [fmap], {}                                         # the maps the tokens max-pool
         if self.decoder:
             dec, logits = self._decode(maps[1:])                         # [B, C1, D/2, H/2, W/2], [B, 1, ...]
             aux["voxel_logits"] = logits
-            fine = torch.cat([dec, logits], dim=1)                       # [B, C1 + 1, D/2, H/2, W/2]
-            fmap_cells = [F.adaptive_max_pool3d(fmap, self.grid), F.adaptive_max_pool3d(fine, self.grid)]
-            cells = torch.cat(fmap_cells, dim=1)                         # [B, C' + C1 + 1, gd, g, g]
-            whole = torch.cat([fmap.amax(dim=(2, 3, 4)), fine.amax(dim=(2, 3, 4))], dim=1)
-        else:
-            cells = F.adaptive_max_pool3d(fmap, self.grid)               # [B, C', gd, g, g]
-            whole = fmap.amax(dim=(2, 3, 4))                             # [B, C']
+            pooled.append(torch.cat([dec, logits], dim=1))               # [B, C1 + 1, D/2, H/2, W/2]
+        cells = torch.cat([F.adaptive_max_pool3d(m, self.grid) for m in pooled], dim=1)   # [B, C, gd, g, g]
+        whole = torch.cat([m.amax(dim=(2, 3, 4)) for m in pooled], dim=1)                 # [B, C]
         tokens = cells.flatten(2).transpose(1, 2)                        # [B, gd*g*g, C]
         if self.global_token:
             tokens = torch.cat([tokens, whole.unsqueeze(1)], dim=1)      # [B, N, C]
