@@ -332,14 +332,34 @@ def test_voxel_loss_by_hand_skips_unlabelled_rows():
     voxels = torch.zeros(3, 1, 4, 4, 4)
     voxels[0, 0, :2, :2, :2] = 1.0                                   # one whole half-resolution voxel of 8
     voxels[2] = math.nan                                             # row 2: not labelled
-    # BCE at p = 0.5 is log 2 whatever the target; Dice over the 2 labelled rows: p sums to 8, target to 1
-    want = math.log(2) + 1 - (2 * 0.5 + 1) / (8 + 1 + 1)
+    # balanced BCE at p = 0.5: log 2 over the lesion voxel + log 2 over the 15 others;
+    # Dice over the 2 labelled rows: p sums to 8, target to 1
+    want = 2 * math.log(2) + 1 - (2 * 0.5 + 1) / (8 + 1 + 1)
     assert voxel_loss(logits, voxels).item() == pytest.approx(want, rel=1e-6)
     assert voxel_loss(logits[2:], voxels[2:]) is None
     # a confident right answer costs far less than a confident wrong one
     right = torch.full((1, 1, 2, 2, 2), -8.0)
     right[0, 0, 0, 0, 0] = 8.0
     assert voxel_loss(right, voxels[:1]) < 0.05 < voxel_loss(-right, voxels[:1])
+
+
+def test_voxel_loss_weighs_lesion_and_background_voxels_as_classes():
+    # 1 lesion voxel of 64 at logit 0 among confident background: the lesion term is log 2 whatever
+    # the count of background voxels (a plain mean would give it 1/64 of that)
+    voxels = torch.zeros(1, 1, 4, 4, 4)
+    voxels[0, 0, 0, 0, 0] = 1.0
+    logits = torch.full((1, 1, 4, 4, 4), -30.0)
+    logits[0, 0, 0, 0, 0] = 0.0
+    dice = 1 - (2 * 0.5 + 1) / (0.5 + 1 + 1)
+    assert voxel_loss(logits, voxels).item() == pytest.approx(math.log(2) + dice, abs=1e-6)
+    # soft targets: a voxel half inside the lesion counts half to each class; by hand at logit 0
+    soft = torch.zeros(1, 1, 1, 1, 2)
+    soft[0, 0, 0, 0, 0] = 0.5
+    want = (0.5 * math.log(2)) / 0.5 + (0.5 * math.log(2) + math.log(2)) / 1.5 + 1 - (2 * 0.25 + 1) / (1.0 + 0.5 + 1)
+    assert voxel_loss(torch.zeros(1, 1, 1, 1, 2), soft).item() == pytest.approx(want, rel=1e-6)
+    # no lesion voxel in the batch: background term and Dice only (no division by zero)
+    empty = voxel_loss(torch.zeros(1, 1, 1, 1, 2), torch.zeros(1, 1, 1, 1, 2))
+    assert empty.item() == pytest.approx(math.log(2) + 1 - 1 / (1.0 + 1), rel=1e-6)
 
 
 def _decoder_model():

@@ -66,9 +66,9 @@ class EncoderStageConfig:
     added to the training cases; validation stays on ``data``'s ``eval_split``.
 
     Voxel loss (``voxel_weight`` > 0, for a volume encoder that returns ``aux["voxel_logits"]``, e.g.
-    ``CNNVolumeEncoder(decoder=True)``): binary cross-entropy + soft Dice (over the batch) between those
-    logits and the lesion's voxels from the case's truth (:func:`lesion_voxels`, averaged onto the logits'
-    grid); volumes without a lesion have an empty mask.
+    ``CNNVolumeEncoder(decoder=True)``): class-balanced binary cross-entropy + soft Dice (over the batch)
+    between those logits and the lesion's voxels from the case's truth (:func:`lesion_voxels`, averaged
+    onto the logits' grid); volumes without a lesion have an empty mask (see :func:`voxel_loss`).
 
     Contrast curriculum for 3D lesions (``lesion_boost`` > 1): each training volume's lesion is drawn
     with ``factor`` times its HU difference from its organ, ``factor`` = ``lesion_boost`` for the first
@@ -604,19 +604,27 @@ def dense_pos_weights(items: Sequence[StageItem], heads: EncoderHeads, cap: floa
 
 
 def voxel_loss(logits: torch.Tensor, voxels: torch.Tensor) -> torch.Tensor | None:
-    """Binary cross-entropy + soft Dice between ``logits [N, 1, d, h, w]`` and the lesion part of each
-    voxel ``voxels [N, 1, D, H, W]`` (NaN rows: n/a, left out), averaged onto the logits' grid. Dice
-    is taken over the whole batch (volumes without a lesion add only to its false positives), with
-    1 added to numerator and denominator. None when no row is labelled."""
+    """Class-balanced binary cross-entropy + soft Dice between ``logits [N, 1, d, h, w]`` and the lesion
+    part of each voxel ``voxels [N, 1, D, H, W]`` (NaN rows: n/a, left out), averaged onto the logits' grid.
+
+    The cross-entropy is the mean over lesion voxels plus the mean over the other voxels, each voxel
+    weighted by its (soft) target ``t`` and ``1 - t``: ``-sum(t log p) / sum(t) - sum((1-t) log(1-p)) /
+    sum(1-t)`` (a batch without a lesion voxel has the second term only). Why: with the plain mean a
+    lesion voxel weighs ~1/1000 of the batch; once the background was confidently negative (logits
+    -20 and below) the Dice's gradient vanished there too, and a probe's decoder never learnt kidney
+    lesions, not even on its training volumes (README, "Where it still falls short"). Dice is taken
+    over the whole batch (volumes without a lesion add only to its false positives), with 1 added to
+    numerator and denominator. None when no row is labelled."""
     valid = ~torch.isnan(voxels.flatten(1)[:, 0])                            # [N]
     if not bool(valid.any()):
         return None
     x = logits[valid].float()
     target = F.adaptive_avg_pool3d(voxels[valid].to(x), x.shape[2:])         # [N', 1, d, h, w]
-    bce = F.binary_cross_entropy_with_logits(x, target)
+    pos = -(target * F.logsigmoid(x)).sum() / target.sum().clamp_min(1e-6)                # 0 without lesion voxels
+    neg = -((1 - target) * F.logsigmoid(-x)).sum() / (1 - target).sum().clamp_min(1e-6)
     p = torch.sigmoid(x)
     dice = 1 - (2 * (p * target).sum() + 1) / (p.sum() + target.sum() + 1)
-    return bce + dice
+    return pos + neg + dice
 
 
 def boosted(inputs: dict[str, torch.Tensor], boost: dict[str, torch.Tensor], factor: float) -> dict:
