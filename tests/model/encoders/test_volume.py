@@ -254,6 +254,32 @@ def test_cnn_volume_decoder_gives_half_resolution_voxel_logits_read_by_the_token
     assert "voxel_logits" not in no_dec(x).aux and not hasattr(no_dec, "voxel_head")
 
 
+def test_cnn_volume_add_merge_decoder_by_hand_and_cheaper_than_concat():
+    torch.manual_seed(0)
+    kw = dict(in_channels=1, width=2, depth=3, out_dim=8, grid=(2, 2, 2), decoder=True)
+    add, cat = CNNVolumeEncoder(**kw, merge="add").eval(), CNNVolumeEncoder(**kw).eval()
+    # the 3x3x3 conv reads the level's width (2 * 2 = 4 channels), not level + coarser (4 + 8)
+    assert add.up[0][0].in_channels == 4 and cat.up[0][0].in_channels == 12
+    assert add.lateral[0].in_channels == 8 and add.lateral[0].out_channels == 4 and not hasattr(cat, "lateral")
+    assert sum(p.numel() for p in add.parameters()) < sum(p.numel() for p in cat.parameters())
+    x = _volume((2, 1, 8, 16, 16))
+    maps = []
+    h = x
+    for level in add.stem:
+        h = level(h)
+        maps.append(h)
+    # by hand: 1x1x1 lateral conv on the coarsest map, trilinear up to level 1, add its map, conv-norm-relu
+    up = torch.nn.functional.interpolate(add.lateral[0](maps[2]), size=maps[1].shape[2:], mode="trilinear",
+                                         align_corners=False)
+    want = add.voxel_head(add.up[0](up + maps[1]))
+    out = add(x)
+    assert torch.allclose(out.aux["voxel_logits"], want, atol=1e-6)
+    assert out.aux["voxel_logits"].shape == (2, 1, 4, 8, 8) and out.features.shape == (2, 9, 8)
+    _check_finite_grads(add, _weighted_loss(out.features) + out.aux["voxel_logits"].mean())
+    with pytest.raises(ConfigError, match="merge"):
+        CNNVolumeEncoder(merge="sum")
+
+
 def test_cnn_volume_decoder_and_norm_config_errors_and_instance_norm():
     with pytest.raises(ConfigError, match="depth >= 2"):
         CNNVolumeEncoder(depth=1, decoder=True)
