@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from medmllm.quickstart import QuickstartPlan, prior_baseline, score, summarise
+from medmllm.quickstart import QuickstartPlan, oversampled, prior_baseline, score, summarise
 
 
 @pytest.mark.parametrize("pred, meta, expected", [
@@ -44,6 +44,26 @@ def test_headline_keeps_the_choice_format_apart_from_the_rhythm_figure():
     s = summarise(test, ["sinus bradycardia", "normal sinus rhythm", "B", "C"])
     assert s["headline"]["ecg_rhythm"] == {"accuracy": 0.5, "n": 2}           # the rhythm asked in words
     assert s["headline"]["multiple_choice_letter"] == {"accuracy": 0.5, "n": 2}   # letters, every modality
+
+
+def test_oversampled_writes_the_modalities_records_next_to_the_file(tmp_path):
+    from medmllm.data.records import read_records
+
+    def rec(i, modality):
+        return {"id": f"r{i}", "messages": [{"role": "user", "content": [{"type": "text", "text": "q?"}]},
+                                            {"role": "assistant", "content": [{"type": "text", "text": "yes"}]}],
+                "meta": {"modality": modality, "task": "vqa", "split": "train", "answer_type": "closed", "answer": "yes",
+                         "dataset": "t", "extra": {"template": "t"}}}
+
+    records = tmp_path / "records" / "train.jsonl"
+    records.parent.mkdir()
+    records.write_text("".join(json.dumps(rec(i, m)) + "\n" for i, m in enumerate(["xray", "ct3d", "ecg", "ct3d"])))
+    assert oversampled(records, ()) == [records]
+    files = oversampled(records, ("ct3d",))
+    assert files == [records, tmp_path / "records" / "train_ct3d.jsonl"]       # next to it: media paths resolve
+    assert [r["id"] for r in read_records(files[1])[0]] == ["r1", "r3"]
+    files[1].write_text(json.dumps(rec(9, "ct3d")) + "\n")                  # an existing copy is kept (resume)
+    assert [r["id"] for r in read_records(oversampled(records, ("ct3d",))[1])[0]] == ["r9"]
 
 
 @pytest.mark.slow
