@@ -103,9 +103,9 @@ class CNNVolumeEncoder(ModalityEncoder):
     it, 0.60x the time of a training step of ``small``'s encoder (batch 12, bf16, 2 CPU cores; ``small``
     keeps concat, which did better in the quickstart: README, "3D lesion presence"). A 1x1x1 conv then
     gives one voxel logit per half-resolution voxel, ``aux["voxel_logits"] [B, 1, D/2, H/2, W/2]`` (what
-    a voxel-level loss trains: the encoder
-    stage's lesion mask). The decoder's map and logit are max-pooled to the same cells and joined to
-    the stem's before the projection, so each token carries "the most lesion-like voxel here".
+    a voxel-level loss trains: the encoder stage's lesion mask). The decoder's map and logit are
+    max-pooled to the same cells and joined to the stem's before the projection, so each token carries
+    "the most lesion-like voxel here".
     Why: a faint (25-50 HU) solid-organ lesion was learnt from a dense voxel loss on a decoder, and
     not from cell boxes or a presence label on the coarse map (README, "Where it still falls short").
     """
@@ -158,11 +158,9 @@ class CNNVolumeEncoder(ModalityEncoder):
         for j in reversed(range(len(self.up))):
             skip = skips[j]                                              # level j + 1
             if self.merge == "add":
-                u = F.interpolate(self.lateral[j](u), size=skip.shape[2:], mode="trilinear", align_corners=False)
-                u = self.up[j](u + skip)                                 # [B, C_{j+1}, ...]
-            else:
-                u = F.interpolate(u, size=skip.shape[2:], mode="trilinear", align_corners=False)
-                u = self.up[j](torch.cat([u, skip], dim=1))              # [B, C_{j+1}, ...]
+                u = self.lateral[j](u)                                   # to level j + 1's width, coarse
+            u = F.interpolate(u, size=skip.shape[2:], mode="trilinear", align_corners=False)
+            u = self.up[j](u + skip if self.merge == "add" else torch.cat([u, skip], dim=1))   # [B, C_{j+1}, ...]
         return u, self.voxel_head(u)
 
     def forward(self, volume: torch.Tensor, **kw) -> EncoderOutput:
