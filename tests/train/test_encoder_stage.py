@@ -335,7 +335,7 @@ def test_voxel_loss_by_hand_skips_unlabelled_rows():
     # balanced BCE at p = 0.5: log 2 over the lesion voxel + log 2 over the 15 others;
     # Dice over the 2 labelled rows: p sums to 8, target to 1
     want = 2 * math.log(2) + 1 - (2 * 0.5 + 1) / (8 + 1 + 1)
-    assert voxel_loss(logits, voxels).item() == pytest.approx(want, rel=1e-6)
+    assert voxel_loss(logits, voxels, lesion_weight=1.0).item() == pytest.approx(want, rel=1e-6)
     assert voxel_loss(logits[2:], voxels[2:]) is None
     # a confident right answer costs far less than a confident wrong one
     right = torch.full((1, 1, 2, 2, 2), -8.0)
@@ -351,12 +351,14 @@ def test_voxel_loss_weighs_lesion_and_background_voxels_as_classes():
     logits = torch.full((1, 1, 4, 4, 4), -30.0)
     logits[0, 0, 0, 0, 0] = 0.0
     dice = 1 - (2 * 0.5 + 1) / (0.5 + 1 + 1)
-    assert voxel_loss(logits, voxels).item() == pytest.approx(math.log(2) + dice, abs=1e-6)
+    assert voxel_loss(logits, voxels, lesion_weight=1.0).item() == pytest.approx(math.log(2) + dice, abs=1e-6)
+    # the default weighs the lesion voxels' mean 0.1 (a calibrated background: README)
+    assert voxel_loss(logits, voxels).item() == pytest.approx(0.1 * math.log(2) + dice, abs=1e-6)
     # soft targets: a voxel half inside the lesion counts half to each class; by hand at logit 0
     soft = torch.zeros(1, 1, 1, 1, 2)
     soft[0, 0, 0, 0, 0] = 0.5
     want = (0.5 * math.log(2)) / 0.5 + (0.5 * math.log(2) + math.log(2)) / 1.5 + 1 - (2 * 0.25 + 1) / (1.0 + 0.5 + 1)
-    assert voxel_loss(torch.zeros(1, 1, 1, 1, 2), soft).item() == pytest.approx(want, rel=1e-6)
+    assert voxel_loss(torch.zeros(1, 1, 1, 1, 2), soft, lesion_weight=1.0).item() == pytest.approx(want, rel=1e-6)
     # no lesion voxel in the batch: background term and Dice only (no division by zero)
     empty = voxel_loss(torch.zeros(1, 1, 1, 1, 2), torch.zeros(1, 1, 1, 1, 2))
     assert empty.item() == pytest.approx(math.log(2) + 1 - 1 / (1.0 + 1), rel=1e-6)
@@ -390,3 +392,5 @@ def test_train_encoders_voxel_loss_trains_the_decoder_and_extra_builds_add_cases
     assert not (tmp_path / "c").exists()
     with pytest.raises(ConfigError, match="voxel_weight"):
         EncoderStageConfig(data="x", voxel_weight=-1.0)
+    with pytest.raises(ConfigError, match="voxel_lesion_weight"):
+        EncoderStageConfig(data="x", voxel_lesion_weight=0.0)
