@@ -52,6 +52,9 @@ log = logging.getLogger(__name__)
 
 
 # ============================================================================= config
+VOXEL_LESION_WEIGHT = 0.1    # default weight of the lesion voxels' mean in voxel_loss (background: 1)
+
+
 @dataclasses.dataclass
 class EncoderStageConfig:
     """Settings of :func:`train_encoders` (embed as ``encoder:`` in a recipe, or load on its own).
@@ -100,7 +103,7 @@ class EncoderStageConfig:
     dense_weight: float = 2.0
     dense_pos_weight_cap: float = 30.0
     voxel_weight: float = 1.0
-    voxel_lesion_weight: float = 0.1
+    voxel_lesion_weight: float = VOXEL_LESION_WEIGHT
     lesion_boost: float = 1.0
     lesion_boost_hold: float = 0.4
     lesion_boost_until: float = 0.8
@@ -605,7 +608,8 @@ def dense_pos_weights(items: Sequence[StageItem], heads: EncoderHeads, cap: floa
     return out
 
 
-def voxel_loss(logits: torch.Tensor, voxels: torch.Tensor, lesion_weight: float = 0.1) -> torch.Tensor | None:
+def voxel_loss(logits: torch.Tensor, voxels: torch.Tensor,
+               lesion_weight: float = VOXEL_LESION_WEIGHT) -> torch.Tensor | None:
     """Class-balanced binary cross-entropy + soft Dice between ``logits [N, 1, d, h, w]`` and the lesion
     part of each voxel ``voxels [N, 1, D, H, W]`` (NaN rows: n/a, left out), averaged onto the logits' grid.
 
@@ -640,7 +644,7 @@ def boosted(inputs: dict[str, torch.Tensor], boost: dict[str, torch.Tensor], fac
 
 
 def make_stage_loss(dense_weight: float, pos_weight: dict | None = None, factor=lambda: 1.0,
-                    voxel_weight: float = 0.0, voxel_lesion_weight: float = 0.1):
+                    voxel_weight: float = 0.0, voxel_lesion_weight: float = VOXEL_LESION_WEIGHT):
     """The loop's loss: per kind present, mean task loss + ``dense_weight`` * mean dense loss
     + ``voxel_weight`` * :func:`voxel_loss` (kinds whose encoder gives voxel logits; its ``lesion_weight``
     is ``voxel_lesion_weight``); summed over kinds.
