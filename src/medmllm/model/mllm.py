@@ -310,7 +310,7 @@ class MedMLLM(PreTrainedModel):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, modality_inputs: dict | None = None,
                 modality_masks: dict | None = None, modality_batch_index: dict | None = None,
-                question_embeds: torch.Tensor | None = None, **kw):
+                question_embeds: torch.Tensor | None = None, pack: bool = False, **kw):
         """Embed (:meth:`embed_inputs`), then run the LLM on ``inputs_embeds``.
 
         ``labels [B, L]`` are -100 off assistant tokens (the collator sets them, placeholders
@@ -318,11 +318,28 @@ class MedMLLM(PreTrainedModel):
         zero-padding masks) are accepted and not used: inputs of one kind share a shape. Collator-only
         keys (:data:`BATCH_ONLY_KEYS`) are ignored, so ``model(**batch)`` works. Returns the LLM's
         ``CausalLMOutputWithPast``.
+
+        ``pack=True`` (training, with ``labels``): the samples are packed into fewer rows without
+        padding (:func:`medmllm.model.packing.pack_batch`) before the LLM; the loss is the padded
+        batch's token-mean loss, and ``logits`` are per packed row ``[R, L, V]``. A batch with
+        masked placeholder tokens (a projector mask) is run padded instead.
         """
         for key in BATCH_ONLY_KEYS:
             kw.pop(key, None)
+        padding = attention_mask
         embeds, attention, positions = self.embed_inputs(
             input_ids, attention_mask, modality_inputs, modality_batch_index, question_embeds)  # [B, L, H] ...
+        if pack and "position_ids" not in kw:
+            if labels is None:
+                raise ConfigError("pack=True needs labels (packing is for training)")
+            padding = torch.ones_like(attention) if padding is None else padding.to(attention.dtype)
+            if torch.equal(attention, padding):                                  # no masked placeholders
+                from medmllm.model.packing import pack_batch
+
+                embeds, positions, labels = pack_batch(embeds, attention.bool(), positions, labels)  # [R, L, H] ...
+                # no cache: the mask builders look for packed rows only without one
+                return self.llm(inputs_embeds=embeds, attention_mask=None, position_ids=positions, labels=labels,
+                                **{**kw, "use_cache": False})
         kw.setdefault("position_ids", positions)                                 # [B, L]
         return self.llm(inputs_embeds=embeds, attention_mask=attention, labels=labels, **kw)
 

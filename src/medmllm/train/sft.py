@@ -39,6 +39,9 @@ class ModelConfig:
     builder: str = "small"                # BUILDERS name: tiny | small | from_hub
     family: str = "llama"
     projector: str = "mlp"
+    # the LLM's attention kernel (None: as loaded). "eager" trained the quickstart's small LLM at 0.8x the
+    # step time of "sdpa" on 2 CPU cores (bench/packing.py); on a GPU keep "sdpa"
+    attn_implementation: Optional[Literal["eager", "sdpa"]] = None
 
 
 @dataclasses.dataclass
@@ -91,6 +94,14 @@ class SFTTrain:
     gradient_checkpointing: bool = False
     tensorboard: bool = True
     loss_average: Literal["token", "sample"] = "token"   # see lm_loss
+    # pack each batch's samples into fewer rows without padding (medmllm.model.packing): the same
+    # token-mean loss; the quickstart's instruction steps took 0.?x the time. Needs loss_average="token"
+    packing: bool = False
+
+    def __post_init__(self) -> None:
+        if self.packing and self.loss_average != "token":
+            raise ConfigError(f"train.packing: needs train.loss_average='token' (a packed batch gives one "
+                              f"token-mean loss), got loss_average={self.loss_average!r}")
 
 
 @dataclasses.dataclass
@@ -118,8 +129,12 @@ def load_model(cfg: ModelConfig):
         path = Path(cfg.path)
         if not (path / "config.json").exists():
             raise ConfigError(f"model.path: {path} holds no saved model (config.json missing)")
-        return MedMLLM.from_pretrained(path), load_tokenizer(path)
-    return BUILDERS.get(cfg.builder)(family=cfg.family, projector=cfg.projector)
+        model, tokenizer = MedMLLM.from_pretrained(path), load_tokenizer(path)
+    else:
+        model, tokenizer = BUILDERS.get(cfg.builder)(family=cfg.family, projector=cfg.projector)
+    if cfg.attn_implementation:
+        model.llm.set_attn_implementation(cfg.attn_implementation)
+    return model, tokenizer
 
 
 def set_stage_trainable(model, stage: str, optim: OptimConfig) -> dict[str, float]:
@@ -255,10 +270,11 @@ def make_scheduler(optimizer, optim: OptimConfig, max_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def lm_loss(model, batch, average: str = "token") -> torch.Tensor:
+def lm_loss(model, batch, average: str = "token", pack: bool = False) -> torch.Tensor:
     """Next-token loss on assistant tokens: ``average="token"`` the mean over every assistant token of
     the batch (the LLM's own loss), ``"sample"`` each sample's mean over its tokens, then the mean
-    over samples (a one-word answer weighs as much as a long one). A batch whose samples were all
+    over samples (a one-word answer weighs as much as a long one). ``pack`` (token average only): the
+    batch runs packed (``MedMLLM.forward(pack=True)``), same loss, fewer padding tokens. A batch whose samples were all
     dropped by the collator (e.g. every one longer than ``data.max_length``) gives a zero loss that
     still reaches every trainable weight, so the step is a no-op and multi-process gradient syncs
     stay in step."""
@@ -271,7 +287,9 @@ def lm_loss(model, batch, average: str = "token") -> torch.Tensor:
         return zero_loss(model)
     keys = ("input_ids", "attention_mask", "labels", "modality_inputs", "modality_batch_index")
     if average == "token":
-        return model(**{k: batch[k] for k in keys if k in batch}).loss
+        return model(**{k: batch[k] for k in keys if k in batch}, **({"pack": True} if pack else {})).loss
+    if pack:
+        raise ConfigError("lm_loss: pack=True needs average='token'")
     from medmllm.train.rl_losses import IGNORE_INDEX, sequence_logprobs
 
     logits = model(**{k: batch[k] for k in keys if k in batch and k != "labels"}).logits   # [B, L, V]
@@ -335,7 +353,7 @@ def run(cfg: SFTConfig, progress: bool = True) -> dict:
     acc = make_accelerator(cfg.train.mixed_precision, cfg.train.grad_accum)
     dataset, loader = instruction_loader(records, bases, cfg.data, cfg.train, model, tokenizer, shapes, acc)
     t = cfg.train
-    loss_fn = functools.partial(lm_loss, average=cfg.train.loss_average)
+    loss_fn = functools.partial(lm_loss, average=cfg.train.loss_average, pack=cfg.train.packing)
     loop = TrainLoop(model, optimizer, scheduler, loader, loss_fn,
                      run_dir=run_dir, max_steps=t.max_steps, grad_accum=t.grad_accum, log_every=t.log_every,
                      ckpt_every=t.ckpt_every, keep_last=t.keep_last, mixed_precision=t.mixed_precision,
