@@ -144,3 +144,13 @@ def test_length_grouping_off_gives_shuffled_mixed_batches_and_bad_values_fail(bu
                    train={"loss_average": "sample"}), progress=False)
     assert (tmp_path / "mixed" / "model" / "config.json").exists() and res["steps"] == 3
     assert res["loss"] == res["loss"] and res["loss"] > 0     # finite, positive (not NaN from empty samples)
+
+
+def test_packing_and_attention_choice_are_validated_and_a_packed_run_trains(build, tmp_path):
+    with pytest.raises(ConfigError, match="train.packing"):
+        _cfg(build, tmp_path / "p", train={"packing": True, "loss_average": "sample"})
+    with pytest.raises(ConfigError, match="attn_implementation"):
+        _cfg(build, tmp_path / "p", model={"attn_implementation": "flash"})
+    res = run(_cfg(build, tmp_path / "packed", stage="instruction", model={"attn_implementation": "eager"},
+                   train={"packing": True, "max_steps": 2}), progress=False)
+    assert res["steps"] == 2 and res["loss"] == res["loss"]              # trained, finite (not NaN)

@@ -95,7 +95,8 @@ class SFTTrain:
     tensorboard: bool = True
     loss_average: Literal["token", "sample"] = "token"   # see lm_loss
     # pack each batch's samples into fewer rows without padding (medmllm.model.packing): the same
-    # token-mean loss; the quickstart's instruction steps took 0.?x the time. Needs loss_average="token"
+    # token-mean loss, 0.74x the forward + backward time of the quickstart's batches with sdpa attention
+    # (bench/packing.py). Needs loss_average="token"
     packing: bool = False
 
     def __post_init__(self) -> None:
