@@ -39,13 +39,14 @@ class QuickstartPlan:
     n_cases: int = 2000
     seed: int = 0
     encoder_steps: int = 500
-    encoder_batch: int = 50
-    # relative share of encoder-stage samples per kind (here: expected samples per batch of 50): small image
-    # findings need the most steps; ECG rhythm reached 100% on validation from 10 a step and 88% from 4
+    encoder_batch: int = 56
+    # relative share of encoder-stage samples per kind (here: expected samples per batch of 56): small image
+    # findings need many steps; ECG rhythm reached 100% on validation from 10 a step and 88% from 4
     # (a signal-only probe, 500 steps, which ECG's few tokens make cheap: 15 s), 92.5% from 10 a step
-    # among the other kinds, so it gets 14
+    # among the other kinds, so it gets 14; 3D lesions: a volume-only probe scored 97.8% of 363 held-out
+    # volumes with 20 a step and 70-89% with 12 (README, "3D lesion presence")
     encoder_kind_weights: dict = dataclasses.field(
-        default_factory=lambda: {"image": 20, "volume": 12, "signal": 14, "ehr": 4})
+        default_factory=lambda: {"image": 20, "volume": 18, "signal": 14, "ehr": 4})
     # a volume-only MedPhantom build (seed + 1) whose cases all join the encoder stage's training cases, and
     # the contrast curriculum for its 3D lesions: the faint solid-organ lesions were learnt from ~1,000
     # training volumes with both, and from neither alone (README, "Where it still falls short")
@@ -55,7 +56,7 @@ class QuickstartPlan:
     encoder_lesion_boost_hold: float = 0.1
     encoder_lesion_boost_until: float = 0.5
     align_steps: int = 40
-    instruct_steps: int = 800
+    instruct_steps: int = 680
     instruct_lr: float = 5e-4           # the LLM's; projectors train at 4x
     instruct_encoder_lr: float = 0.0    # > 0: encoders fine-tuned in the instruction stage (BatchNorm frozen)
     # 0: shuffled instruction batches. Length-grouped ones (k > 0) hold one or two question templates each;
@@ -66,7 +67,7 @@ class QuickstartPlan:
     instruct_oversample: tuple = ()
     batch_size: int = 32
     # alignment and instruction batches packed without padding, the LLM on eager attention: the same
-    # loss per batch, 0.6x the step time on 2 CPU cores (bench/packing.py)
+    # loss per batch, 0.68x the forward + backward time on 2 CPU cores (bench/packing.py)
     packing: bool = True
     attn_implementation: str = "eager"
     eval_limit: int | None = None       # at most this many test questions (None: all)

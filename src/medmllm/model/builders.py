@@ -171,7 +171,7 @@ def example_input(kind: str, generator: torch.Generator | None = None, size: int
 
 def small_encoder_specs(ehr_features: int | None = None, leads: int = 12, scale: float = 1.0) -> dict[str, dict]:
     """Encoders of :func:`small` (widths 128/64): image 17 tokens, volume 17 (a 3D U-Net: CNN
-    stem, InstanceNorm, a decoder to half resolution whose voxel logits the tokens carry), signal
+    stem, InstanceNorm, an additive decoder to half resolution whose voxel logits the tokens carry), signal
     ``ceil(T / 50) + 2`` (e.g. 2500 samples -> 50, + a mean and a max summary token), ehr one token per
     feature. The volume encoder takes 3 channels: the CT windows of ``ModalityShapes.volume_windows``
     (``volume_window="multi"``). ``scale`` multiplies every width (token counts stay the same), e.g. 0.5
@@ -189,7 +189,7 @@ def small_encoder_specs(ehr_features: int | None = None, leads: int = 12, scale:
     return {
         "image": {"name": "cnn_image", "kwargs": dict(in_channels=1, width=w(16), depth=4, out_dim=w(128), grid=4)},
         "volume": {"name": "cnn_volume", "kwargs": dict(in_channels=3, width=w(8), depth=4, out_dim=w(128),
-                                                        grid=[4, 2, 2], decoder=True, norm="instance")},
+                                                        grid=[4, 2, 2], decoder=True, norm="instance", merge="add")},
         "signal": {"name": "ecg", "kwargs": dict(n_leads=leads, dim=w(128), depth=2, heads=4, patch=[5, 5, 2],
                                                 summary_tokens=True)},
         "ehr": {"name": "ehr", "kwargs": dict(n_features=ehr_features, dim=w(64), depth=1, heads=4)},

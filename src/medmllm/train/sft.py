@@ -39,7 +39,7 @@ class ModelConfig:
     builder: str = "small"                # BUILDERS name: tiny | small | from_hub
     family: str = "llama"
     projector: str = "mlp"
-    # the LLM's attention kernel (None: as loaded). "eager" trained the quickstart's small LLM at 0.8x the
+    # the LLM's attention kernel (None: as loaded). "eager" trained the quickstart's small LLM at 0.82x the
     # step time of "sdpa" on 2 CPU cores (bench/packing.py); on a GPU keep "sdpa"
     attn_implementation: Optional[Literal["eager", "sdpa"]] = None
 
@@ -95,7 +95,7 @@ class SFTTrain:
     tensorboard: bool = True
     loss_average: Literal["token", "sample"] = "token"   # see lm_loss
     # pack each batch's samples into fewer rows without padding (medmllm.model.packing): the same
-    # token-mean loss, 0.74x the forward + backward time of the quickstart's batches with sdpa attention
+    # token-mean loss, 0.85x the forward + backward time of the quickstart's batches with sdpa attention
     # (bench/packing.py). Needs loss_average="token"
     packing: bool = False
 
