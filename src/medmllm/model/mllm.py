@@ -322,7 +322,8 @@ class MedMLLM(PreTrainedModel):
         ``pack=True`` (training, with ``labels``): the samples are packed into fewer rows without
         padding (:func:`medmllm.model.packing.pack_batch`) before the LLM; the loss is the padded
         batch's token-mean loss, and ``logits`` are per packed row ``[R, L, V]``. A batch with
-        masked placeholder tokens (a projector mask) is run padded instead.
+        masked placeholder tokens (a projector mask), or called with its own ``position_ids``, is run
+        padded instead.
         """
         for key in BATCH_ONLY_KEYS:
             kw.pop(key, None)

@@ -101,7 +101,7 @@ class CNNVolumeEncoder(ModalityEncoder):
     ``merge="add"`` first maps the coarser map to the level's width with a 1x1x1 conv and adds them (a
     feature pyramid's lateral sum): the 3x3x3 conv then reads the level's width instead of three times
     it: 0.87x the time per volume of concat in the encoder stage (2 CPU cores, bf16). ``small`` uses "add"
-    with 20 volumes per encoder step (README, "3D lesion presence"). A 1x1x1 conv then
+    with 18 volumes per encoder step (README, "3D lesion presence"). A 1x1x1 conv then
     gives one voxel logit per half-resolution voxel, ``aux["voxel_logits"] [B, 1, D/2, H/2, W/2]`` (what
     a voxel-level loss trains: the encoder stage's lesion mask). The decoder's map and logit are
     max-pooled to the same cells and joined to the stem's before the projection, so each token carries
