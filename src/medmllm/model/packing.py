@@ -18,9 +18,8 @@ from typing import Sequence
 
 import torch
 
+from medmllm.data.collate import IGNORE_INDEX
 from medmllm.errors import InputError
-
-IGNORE_INDEX = -100
 
 
 def plan_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
