@@ -28,9 +28,9 @@ def volume_scores(model, build: Path, batch: int = 16) -> tuple[list[dict], list
     from medmllm.model.inspect import modality_shapes_for
     from medmllm.train.encoder_stage import VOXEL_KEY, load_items, read_cases
 
-    encoder = model.encoders["volume"].eval() if "volume" in model.encoders else None
-    if encoder is None:
+    if "volume" not in model.encoders:
         raise InputError("model", "expected a model with a volume encoder")
+    encoder = model.encoders["volume"].eval()
     cases = [c for c in read_cases(build) if c.get("modality") == "ct3d"]
     if not cases:
         raise InputError(Path(build) / "cases.jsonl", "expected ct3d cases, found none")

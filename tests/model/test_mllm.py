@@ -134,21 +134,9 @@ def test_tokens_encoded_ahead_item_by_item_give_the_same_embeddings():
         model.encode_item("audio", torch.zeros(3))
 
 
-def test_masked_projector_tokens_get_no_attention():
+def test_masked_projector_tokens_get_no_attention(mask_first_token):
     model, tok = tiny("llama", modalities=("image",))
-    original = model.projectors["image"]
-
-    class DropFirst(torch.nn.Module):        # a projector whose first token of every item is masked
-        def num_tokens(self, n):
-            return original.num_tokens(n)
-
-        def forward(self, features, mask):
-            tokens, out_mask = original(features, mask)
-            out_mask = out_mask.clone()
-            out_mask[:, 0] = False
-            return tokens, out_mask
-
-    model.projectors["image"] = DropFirst()
+    mask_first_token(model, "image")
     batch = collate(model, tok, [["image", "image"]])
     _, attention, _ = model.embed_inputs(**batch)
     pid = model.config.placeholder_token_ids["image"]

@@ -96,24 +96,13 @@ def test_packed_loss_and_gradients_equal_the_padded_batch(family, attn):
             at += n
     assert moved > 1e-3
 
-def test_pack_needs_labels_and_masked_placeholders_fall_back_to_padding():
+
+def test_pack_needs_labels_and_masked_placeholders_fall_back_to_padding(mask_first_token):
     model, tok = tiny("llama", modalities=("image",))
     batch = _batch(model, tok, [["image"], ["image", "image"]])
     with pytest.raises(ConfigError, match="needs labels"):
         model(**{k: v for k, v in batch.items() if k != "labels"}, pack=True)
-    original = model.projectors["image"]
-
-    class DropFirst(torch.nn.Module):        # masks each item's first token: attention != padding mask
-        def num_tokens(self, n):
-            return original.num_tokens(n)
-
-        def forward(self, features, mask):
-            tokens, out_mask = original(features, mask)
-            out_mask = out_mask.clone()
-            out_mask[:, 0] = False
-            return tokens, out_mask
-
-    model.projectors["image"] = DropFirst()
+    mask_first_token(model, "image")
     with torch.no_grad():
         padded, packed = model(**batch), model(**batch, pack=True)
     assert packed.logits.shape == padded.logits.shape                    # run padded, not packed
