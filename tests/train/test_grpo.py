@@ -202,3 +202,71 @@ def test_grpo_raises_a_simple_reward(setup, tmp_path):
         R.REWARDS._items.pop(name, None)
     rewards = [r["reward"] for r in _metrics(tmp_path / "run")]
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.1, rewards
+
+
+def _roller(setup, **grpo):
+    """A Roller over the first prompts of the reasoning split, as ``G.run`` builds it (no reference model)."""
+    from accelerate import Accelerator
+
+    from medmllm.data.collate import MultimodalCollator
+    from medmllm.data.dataset import PartLoader
+    from medmllm.train.dpo import MultiBaseRecords
+    from medmllm.train.sft import data_shapes, load_model
+
+    cfg = _cfg(setup, "unused", grpo=grpo, data={"max_length": 1024})      # every prompt fits: no group dropped
+    prompts, bases, _ = G.load_prompts(cfg)
+    model, tok = load_model(cfg.model)
+    dataset = MultiBaseRecords(prompts, bases, PartLoader(data_shapes(model, cfg.data)))
+    collator = MultimodalCollator(tok, max_length=cfg.data.max_length, num_tokens_fn=model.num_tokens, train=False)
+    roller = G.Roller(cfg, tok, collator, G.make_reward(cfg.grpo), Accelerator(cpu=True))
+    roller.policy = model.eval()
+    return roller, dataset
+
+
+def test_drop_uniform_groups_keeps_only_the_groups_whose_rewards_differ(setup):
+    """Prompts 0 and 2 get a constant reward (their groups are uniform), prompts 1 and 3 a varying one: with
+    ``drop_uniform_groups`` only the rows of 1 and 3 are left to update on, the same rows as without it, and
+    the statistics still count every completion."""
+    name = "test_grpo_uniform_on_even"
+
+    def uneven(completion, record):
+        return 1.0 if record["_k"] % 2 == 0 else len(completion) / 10.0 + len(set(completion)) / 100.0
+
+    if name not in R.REWARDS:
+        R.register_reward(name, uneven)
+    try:
+        grpo = {"group_size": 3, "max_new_tokens": 8, "kl_beta": 0.0, "temperature": 1.5, "rewards": {name: 1.0}}
+        full_roller, dataset = _roller(setup, **grpo)
+        drop_roller, _ = _roller(setup, **grpo, drop_uniform_groups=True)
+        items = [dataset[i] for i in range(4)]
+        for k, it in enumerate(items):
+            it["record"]["_k"] = k
+        full, drop = full_roller(items, seed=5), drop_roller(items, seed=5)
+    finally:
+        R.REWARDS._items.pop(name, None)
+    g = 3
+    assert full["stats"]["mixed_groups"].tolist() == [0.0] * g + [1.0] * g + [0.0] * g + [1.0] * g
+    assert torch.equal(full["advantages"][:g], torch.zeros(g))          # a uniform group: advantage 0
+    kept = [1 * g + j for j in range(g)] + [3 * g + j for j in range(g)]
+    assert drop["input_ids"].shape[0] == len(kept) == drop["old_logps"].shape[0]
+    assert torch.equal(drop["advantages"], full["advantages"][kept])
+    for row, k in enumerate(kept):                                       # same completion tokens, same log-probs
+        fmask, dmask = full["labels"][k] != -100, drop["labels"][row] != -100
+        assert torch.equal(full["labels"][k][fmask], drop["labels"][row][dmask])
+        assert torch.allclose(full["old_logps"][k][fmask], drop["old_logps"][row][dmask], atol=1e-5)
+    for key in ("rewards", "accuracy", "mixed_groups"):                  # statistics of all 12 completions
+        assert torch.equal(drop["stats"][key], full["stats"][key])
+
+
+def test_drop_uniform_groups_with_no_mixed_group_leaves_nothing_to_update(setup):
+    name = "test_grpo_constant"
+    if name not in R.REWARDS:
+        R.register_reward(name, lambda completion, record: 1.0)
+    try:
+        roller, dataset = _roller(setup, group_size=2, max_new_tokens=4, kl_beta=0.0, rewards={name: 1.0},
+                                  drop_uniform_groups=True)
+        out = roller([dataset[0], dataset[1]], seed=0)
+    finally:
+        R.REWARDS._items.pop(name, None)
+    assert out["input_ids"].shape[0] == 0 and out["advantages"].numel() == 0
+    assert out["stats"]["rewards"].tolist() == [1.0] * 4 and out["stats"]["mixed_groups"].tolist() == [0.0] * 4

@@ -11,7 +11,8 @@ prompts:
    ``(train.seed, epoch, group, micro-batch, process)``, so no global RNG is drawn);
 2. **score** — the rewards of ``grpo.rewards`` (names of :data:`medmllm.train.rewards.REWARDS` with
    weights) score each completion; advantages are normalised within each prompt's group
-   (:func:`~medmllm.train.rl_losses.group_advantages`);
+   (:func:`~medmllm.train.rl_losses.group_advantages`); with ``grpo.drop_uniform_groups`` the groups
+   whose completions all scored the same (advantage 0) are left out of the update;
 3. the per-token log-probs of the sampled tokens under the sampling-time policy (``old``) and a
    frozen copy of the starting model (``ref``, only when ``grpo.kl_beta > 0``) are stored;
 4. **update** — ``grpo.iterations`` optimizer steps on the same rollouts, each a pass over the
@@ -25,7 +26,8 @@ resumes from that rollout as saved in ``run_dir/rollouts/`` (files no checkpoint
 deleted). Dropout is turned off (``grpo.disable_dropout``) so the sampling-time and update-time
 log-probs agree. Logged per step: ``reward`` (mean combined reward), ``accuracy``, ``format_rate``
 (share of completions following the think/answer format), ``kl`` (to the reference),
-``clip_fraction``, ``completion_tokens``; each reward component as ``reward_<name>``.
+``clip_fraction``, ``completion_tokens``, ``mixed_groups`` (share of completions whose group's rewards
+differ: the ones that carry a learning signal); each reward component as ``reward_<name>``.
 
 Config: see :class:`GRPOConfig` and ``recipes/grpo.yaml``.
 """
@@ -75,6 +77,9 @@ class GRPOSettings:
     prompt_format: str = COT_INSTRUCTION      # appended to the last user turn ("" = none)
     answer_types: list = dataclasses.field(default_factory=lambda: ["closed", "open", "choice"])
     disable_dropout: bool = True
+    # leave groups whose completions all got the same reward out of the update (DAPO's dynamic sampling,
+    # without resampling): their advantages are 0, so they would only add the KL term and dilute the batch
+    drop_uniform_groups: bool = False
 
     def __post_init__(self) -> None:
         for name, low in (("group_size", 2), ("iterations", 1), ("max_new_tokens", 1)):
@@ -301,16 +306,26 @@ class Roller:
         texts = [self.completion(r) for r in tokens]
         comps = [self.reward.components(t, r) for t, r in zip(texts, records)]
         rewards = torch.tensor([self.reward.total(c) for c in comps], dtype=torch.float32)          # [N]
-        batch = self._sequences(gen, tokens)
-        batch["advantages"] = group_advantages(rewards, g, self.s.adv_eps).to(self.acc.device)      # [N]
-        with self.acc.autocast():
-            batch["old_logps"] = _forward_logps(self.policy, batch).float()                         # [N, L]
-            if self.reference is not None:
-                batch["ref_logps"] = _forward_logps(self.reference, batch).float()                  # [N, L]
+        grouped = rewards.view(-1, g)                                                               # [N/G, G]
+        mixed = (grouped.amax(1) > grouped.amin(1)).repeat_interleave(g)                            # [N]
         stats = {"rewards": rewards, "accuracy": torch.tensor([accuracy(t, r) for t, r in zip(texts, records)]),
                  "format": torch.tensor([float(format_ok(t)) for t in texts]),
-                 "completion_tokens": torch.tensor([float(len(t)) for t in tokens])}
+                 "completion_tokens": torch.tensor([float(len(t)) for t in tokens]), "mixed_groups": mixed.float()}
         stats.update({f"reward_{k}": torch.tensor([c[k] for c in comps]) for k in self.reward.names})
+        advantages = group_advantages(rewards, g, self.s.adv_eps)                                   # [N]
+        if self.s.drop_uniform_groups and not bool(mixed.all()):
+            rows = mixed.nonzero().flatten().tolist()
+            if not rows:
+                return _empty_rollout(self.reward.names, stats)
+            kept_examples = [ex for ex in examples if ex["record"]["id"] in kept]
+            gen = send_to_device(self.collator([kept_examples[i] for i in rows]), self.acc.device)
+            tokens, advantages = [tokens[i] for i in rows], advantages[rows]
+        batch = self._sequences(gen, tokens)
+        batch["advantages"] = advantages.to(self.acc.device)                                        # [N']
+        with self.acc.autocast():
+            batch["old_logps"] = _forward_logps(self.policy, batch).float()                         # [N', L]
+            if self.reference is not None:
+                batch["ref_logps"] = _forward_logps(self.reference, batch).float()                  # [N', L]
         out = {"advantages": batch.pop("advantages").cpu()}
         out.update({k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
         out["stats"] = stats
@@ -333,10 +348,12 @@ class Roller:
                 "modality_inputs": gen["modality_inputs"], "modality_batch_index": gen["modality_batch_index"]}
 
 
-def _empty_rollout(names: list[str]) -> dict:
+def _empty_rollout(names: list[str], stats: dict | None = None) -> dict:
+    """A micro-batch with no sequences to update on; ``stats`` (of completions left out) are kept for logging."""
     z = torch.zeros(0)
-    stats = {k: z for k in ("rewards", "accuracy", "format", "completion_tokens")}
-    stats.update({f"reward_{k}": z for k in names})
+    if stats is None:
+        stats = {k: z for k in ("rewards", "accuracy", "format", "completion_tokens", "mixed_groups")}
+        stats.update({f"reward_{k}": z for k in names})
     return {"advantages": z, "input_ids": torch.zeros((0, 1), dtype=torch.long),
             "attention_mask": torch.zeros((0, 1), dtype=torch.long),
             "labels": torch.full((0, 1), IGNORE_INDEX, dtype=torch.long), "old_logps": torch.zeros((0, 1)),
@@ -433,7 +450,8 @@ class RolloutLoader:
 
 def make_loss_fn(s: GRPOSettings, reward_names: list[str]):
     """``loss_fn(model, batch)`` of the engine: the GRPO loss + rollout statistics."""
-    stat_keys = ["rewards", "accuracy", "format", "completion_tokens"] + [f"reward_{k}" for k in reward_names]
+    stat_keys = ["rewards", "accuracy", "format", "completion_tokens", "mixed_groups"] + \
+        [f"reward_{k}" for k in reward_names]
     shown = {"rewards": "reward", "format": "format_rate"}
 
     def loss_fn(model, batch: dict) -> dict:
