@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from medmllm.errors import ConfigError
-from medmllm.eval.self_consistency import SelfConsistency, majority, vote_key
+from medmllm.eval.self_consistency import SelfConsistency, majority, median_answer, vote_key
 
 
 @pytest.mark.parametrize("answer, key", [
@@ -28,6 +28,17 @@ def test_majority_returns_the_first_sample_of_the_winning_key():
     assert majority(samples) == "<think>a</think><answer>Yes</answer>"      # yes 3 votes, no 2, None ignored
     assert majority(["<answer>3</answer>", "<answer>2</answer>"]) == "<answer>3</answer>"   # tie: first key
     assert majority([None, None]) is None
+
+
+def test_median_answer_picks_the_sample_nearest_the_median_number():
+    samples = ["<think>t1</think><answer>60</answer>", "<answer>90 bpm</answer>", None, "<answer>72</answer>",
+               "<answer>no idea</answer>", "<answer>70</answer>"]
+    # numbers 60, 90, 72, 70 -> median (70 + 72) / 2 = 71: 72 and 70 are both 1 away, the first (72) wins
+    assert median_answer(samples) == "<answer>72</answer>"
+    assert median_answer(["<answer>5</answer>", "<answer>100</answer>", "<answer>7</answer>"]) == "<answer>7</answer>"
+    # no number anywhere: the majority decides
+    assert median_answer(["<answer>a</answer>", "<answer>b</answer>", "<answer>b</answer>"]) == "<answer>b</answer>"
+    assert median_answer([None]) is None
 
 
 class BySeed:
@@ -60,6 +71,15 @@ def test_wrapper_votes_over_k_seeded_samples_batch_by_batch():
     assert all(g["temperature"] == 0.9 and g["max_new_tokens"] == 8 for g in inner.gens)
     assert batches == [(["r0", "r1"], ["no", "1"]), (["r2"], ["a"])]
     assert sc.describe()["self_consistency"] == {"k": 3, "temperature": 0.9, "top_p": 1.0}
+
+
+def test_wrapper_takes_the_median_for_questions_with_a_tolerance():
+    # record 0 is numeric (tolerance): numbers 40, 80, 52, 80, 55 -> median 55, though 80 is the majority;
+    # record 1 is not: the majority of the same kind of answers wins
+    table = {s: [a, a] for s, a in enumerate(["40", "80", "52", "80", "55"])}
+    records = [{"id": "hr", "j": 0, "meta": {"extra": {"tolerance": 5.0}}}, {"id": "n", "j": 1, "meta": {}}]
+    out = SelfConsistency(BySeed(table), 5, temperature=0.9).answer(records, ".", {"max_new_tokens": 4})
+    assert out == ["55", "80"]
 
 
 def test_wrapper_rejects_bad_settings():

@@ -9,6 +9,11 @@ first sample whose key won most votes (ties go to the key seen first). ``None`` 
 files) do not vote; a record with no answer at all stays ``None``. The chosen answer keeps its full
 text, so protocols score it exactly as they score a single answer.
 
+A question scored with a tolerance (``meta.extra.tolerance``: the ``numeric`` protocol) is answered by
+the **median** instead (:func:`median_answer`): the sample whose number (the first in its answer) lies
+closest to the median of the samples' numbers. Sampled readings of a measured quantity scatter around
+it; a vote over exact strings rarely finds two alike, while their median is steadier than any one.
+
     medmllm eval --model M --task medphantom_reasoning --self-consistency 5 --sc-temperature 0.7 --out DIR
 """
 
@@ -47,6 +52,28 @@ def majority(samples: Sequence[str | None]) -> str | None:
     return answers[keys.index(winner)]
 
 
+def median_answer(samples: Sequence[str | None]) -> str | None:
+    """The first sample whose number is closest to the median of the samples' numbers (the first number in
+    each answer tag; for an even count the mean of the two middle ones); samples without a number do not
+    vote. With no number at all, :func:`majority` decides."""
+    from statistics import median
+
+    from medmllm.eval.normalize import extract_answer_tag
+    from medmllm.eval.protocols import first_number
+
+    answers = [s for s in samples if s is not None]
+    numbers = [first_number(extract_answer_tag(a)) for a in answers]
+    voting = [(x, a) for x, a in zip(numbers, answers) if x is not None]
+    if not voting:
+        return majority(answers)
+    mid = median(x for x, _ in voting)
+    return min(voting, key=lambda xa: abs(xa[0] - mid))[1]          # min keeps the first of equals
+
+
+def _numeric(record: dict) -> bool:
+    return (record.get("meta", {}).get("extra") or {}).get("tolerance") is not None
+
+
 class SelfConsistency:
     """A backend that answers by majority over ``k`` samples of ``inner`` (see the module doc)."""
 
@@ -80,11 +107,11 @@ class SelfConsistency:
         for start in range(0, len(records), step):
             chunk = records[start:start + step]
             samples = [self.inner.answer(chunk, base_dir, sample_gen, seed=seed + i, **kw) for i in range(self.k)]
-            voted = [majority([s[j] for s in samples]) for j in range(len(chunk))]
+            voted = [(median_answer if _numeric(r) else majority)([s[j] for s in samples]) for j, r in enumerate(chunk)]
             out.extend(voted)
             if on_batch is not None:
                 on_batch([r["id"] for r in chunk], voted)
         return out
 
 
-__all__ = ["SelfConsistency", "majority", "vote_key"]
+__all__ = ["SelfConsistency", "majority", "median_answer", "vote_key"]
