@@ -96,15 +96,12 @@ def main(argv: list[str] | None = None) -> dict:
     if args.samples < 2 or not args.temperature > 0:
         ap.error(f"--samples must be >= 2 and --temperature > 0, got {args.samples} and {args.temperature}")
 
-    import torch
-
     from medmllm.data.records import read_records
     from medmllm.data.tokenizers import load_tokenizer
     from medmllm.model.mllm import MedMLLM
 
     records, _ = read_records(args.records)          # a malformed record fails here, naming file and line
     records = records[: args.limit] if args.limit else records
-    torch.manual_seed(args.seed)
     model = MedMLLM.from_pretrained(args.model).eval()
     rows = score_prompts(model, load_tokenizer(args.model), records, args.records.parent, samples=args.samples,
                          temperature=args.temperature, seed=args.seed)
