@@ -14,6 +14,10 @@ appends each step's position in place) and ``dynamic`` (``transformers``' ``Dyna
 concatenates the whole cache every step); ``growing_vs_dynamic`` is the median over repeats of the
 per-repeat tokens/s ratio (the two runs of a repeat see the same machine load).
 
+Two forwards, in alternating runs with the growing cache: ``written`` (the server's: the Llama LLM's decode step
+written out, :mod:`medmllm.serve.llama_step`) and ``library`` (``transformers``' forward); ``written_vs_library``
+is the median per-repeat tokens/s ratio.
+
 ``--compile`` repeats the steps with ``torch.compile(model.llm, dynamic=True)`` (needs a C++ compiler;
 the first call compiles for tens of seconds and is not timed).
 
@@ -62,6 +66,22 @@ def use_cache(kind: str) -> None:
     decode._grow_in_place = decode._real_grow_in_place if kind == "growing" else (lambda cache: None)
 
 
+def use_forward(kind: str) -> None:
+    """``written`` (the server's: :func:`medmllm.serve.llama_step.decode_step` for a Llama LLM) or ``library``
+    (``transformers``' forward for every step)."""
+    import types
+
+    import medmllm.serve.decode as decode
+    from medmllm.serve import llama_step
+
+    off = types.SimpleNamespace(supports=lambda llm: False, decode_step=llama_step.decode_step)
+    decode.llama_step = llama_step if kind == "written" else off
+
+
+def _use(kind: str) -> None:
+    (use_cache if kind in ("growing", "dynamic") else use_forward)(kind)
+
+
 def _summary(times: list, rows: int, tokens: int) -> dict:
     dt = statistics.median(t for t, _ in times)
     return {"rows": rows, "seconds": round(dt, 4), "ms_per_step": round(dt / max(times[0][1], 1) * 1e3, 3),
@@ -69,7 +89,8 @@ def _summary(times: list, rows: int, tokens: int) -> dict:
 
 
 def measure(engine, messages, rows_list: list[int], tokens: int, repeats: int, kinds=("growing", "dynamic")) -> dict:
-    """{kind: {rows_N: summary}} and, with both kinds, ``growing_vs_dynamic`` {rows_N: ratio}; kinds alternate."""
+    """{kind: {rows_N: summary}} and, with two kinds ``a, b``, ``a_vs_b`` {rows_N: tokens/s ratio, median over
+    repeats}; the kinds alternate. Kinds: ``growing``/``dynamic`` (KV cache), ``written``/``library`` (forward)."""
     _time_rows(engine, messages, 1, 4)                                       # warm-up
     out: dict = {k: {} for k in kinds}
     ratios = {}
@@ -77,23 +98,24 @@ def measure(engine, messages, rows_list: list[int], tokens: int, repeats: int, k
         times: dict = {k: [] for k in kinds}
         for r in range(repeats):
             for kind in (kinds if r % 2 == 0 else kinds[::-1]):
-                use_cache(kind)
+                _use(kind)
                 times[kind].append(_time_rows(engine, messages, rows, tokens))
         for kind in kinds:
             out[kind][f"rows_{rows}"] = _summary(times[kind], rows, tokens)
         line = ", ".join(f"{k} {out[k][f'rows_{rows}']['ms_per_step']} ms/step" for k in kinds)
         if len(kinds) == 2:
-            ratios[f"rows_{rows}"] = round(statistics.median(d / g for (g, _), (d, _) in zip(times["growing"],
-                                                                                             times["dynamic"])), 3)
-            line += f"; growing vs dynamic {ratios[f'rows_{rows}']}x"
+            a, b = kinds
+            ratios[f"rows_{rows}"] = round(statistics.median(tb / ta for (ta, _), (tb, _) in zip(times[a], times[b])), 3)
+            line += f"; {a} vs {b} {ratios[f'rows_{rows}']}x"
         print(f"{rows:>3} rows: {line}", flush=True)
     use_cache("growing")
+    use_forward("written")
     for kind in kinds:
         one = out[kind][f"rows_{rows_list[0]}"]["tokens_per_s"]
         for r in out[kind].values():
             r["ceiling_vs_1_row"] = round(r["tokens_per_s"] / one, 2)
     if ratios:
-        out["growing_vs_dynamic"] = ratios
+        out[f"{kinds[0]}_vs_{kinds[1]}"] = ratios
     return out
 
 
@@ -122,7 +144,9 @@ def main() -> None:
         png.write_bytes(phantom_png())
         messages = [{"role": "user", "content": [{"type": "image", "path": str(png)},
                                                  {"type": "text", "text": QUESTIONS[2]}]}]
-        results = {"eager": measure(engine, messages, rows_list, args.tokens, args.repeats)}
+        results = {"eager": measure(engine, messages, rows_list, args.tokens, args.repeats),
+                   "forward": measure(engine, messages, rows_list, args.tokens, args.repeats,
+                                      kinds=("written", "library"))}
         if args.compile:
             engine.model.llm = torch.compile(engine.model.llm, dynamic=True)
             print("compiling ...", flush=True)

@@ -1,0 +1,80 @@
+"""serve/llama_step.py: the written-out decode step gives the library's logits and cache, or is not used."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from medmllm.serve import llama_step
+
+
+def _llama(**kw):
+    cfg = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=128, attention_bias=True,
+               rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                             "original_max_position_embeddings": 32})
+    cfg.update(kw)
+    return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+
+
+def _qwen2(**kw):
+    cfg = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=1, max_position_embeddings=128)
+    cfg.update(kw)
+    return Qwen2ForCausalLM(Qwen2Config(**cfg)).eval()
+
+
+@pytest.mark.parametrize("build", [_llama, _qwen2], ids=["llama-gqa-bias-llama3rope", "qwen2-mqa"])
+@pytest.mark.parametrize("padded", [False, True], ids=["no-mask", "left-padded"])
+def test_one_step_gives_the_library_logits_and_cache(build, padded):
+    torch.manual_seed(0)
+    llm = build()
+    assert llama_step.supports(llm)
+    b, n = 3, 9
+    ids = torch.randint(0, 97, (b, n))
+    attention = torch.ones(b, n, dtype=torch.long)
+    if padded:
+        attention[0, :4] = 0                                               # row 0: 4 positions of left padding
+        attention[2, :1] = 0
+    positions = (attention.cumsum(-1) - 1).clamp_min(0)                     # each row's own positions
+    with torch.inference_mode():
+        out = llm(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=True)
+        tok = out.logits[:, -1].argmax(-1)                                  # [B]
+        nxt = positions[:, -1:] + 1                                         # [B, 1]
+        grown = torch.cat([attention, attention.new_ones(b, 1)], dim=1) if padded else None
+        ref_cache, cache = out.past_key_values, copy.deepcopy(out.past_key_values)
+        ref = llm(input_ids=tok[:, None], attention_mask=grown, position_ids=nxt, past_key_values=ref_cache,
+                  use_cache=True).logits[:, -1]
+        got = llama_step.decode_step(llm, tok, nxt, grown, cache)
+    assert got.shape == (b, 97)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    for mine, theirs in zip(cache.layers, ref_cache.layers):               # the step wrote the same position
+        assert mine.keys.shape[2] == n + 1
+        torch.testing.assert_close(mine.keys, theirs.keys, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(mine.values, theirs.values, atol=1e-6, rtol=1e-6)
+
+
+def test_a_masked_position_is_not_attended():
+    """Masking a cached position changes the logits exactly as the library's forward does."""
+    torch.manual_seed(1)
+    llm = _llama()
+    ids = torch.randint(0, 97, (1, 6))
+    with torch.inference_mode():
+        out = llm(input_ids=ids, use_cache=True)
+        tok, nxt = out.logits[:, -1].argmax(-1), torch.tensor([[6]])
+        mask = torch.tensor([[1, 1, 0, 1, 1, 1, 1]])
+        ref = llm(input_ids=tok[:, None], attention_mask=mask, position_ids=nxt,
+                  past_key_values=copy.deepcopy(out.past_key_values), use_cache=True).logits[:, -1]
+        full = llama_step.decode_step(llm, tok, nxt, None, copy.deepcopy(out.past_key_values))
+        got = llama_step.decode_step(llm, tok, nxt, mask, copy.deepcopy(out.past_key_values))
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got, full)
+
+
+def test_other_architectures_keep_the_library_forward():
+    assert not llama_step.supports(_llama(hidden_act="gelu"))
+    assert not llama_step.supports(_qwen2(use_sliding_window=True, sliding_window=4, max_window_layers=0))
+    assert not llama_step.supports(torch.nn.Linear(2, 2))
