@@ -105,7 +105,8 @@ def measure(engine, messages, rows_list: list[int], tokens: int, repeats: int, k
         line = ", ".join(f"{k} {out[k][f'rows_{rows}']['ms_per_step']} ms/step" for k in kinds)
         if len(kinds) == 2:
             a, b = kinds
-            ratios[f"rows_{rows}"] = round(statistics.median(tb / ta for (ta, _), (tb, _) in zip(times[a], times[b])), 3)
+            per_repeat = [tb / ta for (ta, _), (tb, _) in zip(times[a], times[b])]     # tokens/s of a over b
+            ratios[f"rows_{rows}"] = round(statistics.median(per_repeat), 3)
             line += f"; {a} vs {b} {ratios[f'rows_{rows}']}x"
         print(f"{rows:>3} rows: {line}", flush=True)
     use_cache("growing")
