@@ -48,23 +48,19 @@ def score_prompts(model, tokenizer, records: list[dict], base: Path, *, samples:
     """One row per record kept by the collator: its template, greedy score and the scores of its samples."""
     from medmllm.data.collate import MultimodalCollator
     from medmllm.data.dataset import PartLoader
-    from medmllm.data.tokenizers import modality_token_ids
     from medmllm.model.inspect import modality_shapes_for
     from medmllm.train.dpo import MultiBaseRecords
-    from medmllm.train.grpo import GRPOSettings, rl_prompt, sample_completions
+    from medmllm.train.grpo import GRPOSettings, banned_ids, completion_text, rl_prompt, sample_completions
     from medmllm.train.rewards import accuracy
 
-    stop = "</answer>"
-    prompts = [rl_prompt(r, GRPOSettings().prompt_format) for r in records]
+    settings = GRPOSettings()                                     # the recipe's prompt format and stop string
+    prompts = [rl_prompt(r, settings.prompt_format) for r in records]
     dataset = MultiBaseRecords(prompts, [base] * len(prompts), PartLoader(modality_shapes_for(model), cache_items=0))
     collator = MultimodalCollator(tokenizer, max_length=1024, num_tokens_fn=model.num_tokens, train=False)
-    banned = sorted(set(modality_token_ids(tokenizer).values()))
-    kw = dict(max_new_tokens=max_new_tokens, stop_strings=[stop], banned_ids=banned)
+    kw = dict(max_new_tokens=max_new_tokens, stop_strings=settings.stop_strings, banned_ids=banned_ids(tokenizer))
 
     def text(ids: list[int]) -> str:
-        out = tokenizer.decode(ids, skip_special_tokens=True)
-        at = out.find(stop)
-        return out[: at + len(stop)] if at >= 0 else out
+        return completion_text(tokenizer, ids, settings.stop_strings)
 
     rows = []
     for start in range(0, len(prompts), batch):

@@ -254,6 +254,27 @@ def sample_completions(model, batch: dict, tokenizer, *, max_new_tokens: int, te
     return rows
 
 
+def banned_ids(tokenizer) -> list[int]:
+    """Token ids a rollout must never sample: the modality placeholders (which would make the sequence
+    unreadable to the model) and pad when it is not eos."""
+    from medmllm.data.tokenizers import modality_token_ids
+
+    banned = sorted(set(modality_token_ids(tokenizer).values()))
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
+        banned.append(int(tokenizer.pad_token_id))
+    return banned
+
+
+def completion_text(tokenizer, ids: list[int], stop_strings: list[str]) -> str:
+    """The reward text of one sampled row: special tokens left out, cut right after the first stop string."""
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    hits = [(text.find(x), x) for x in stop_strings if x and x in text]
+    if hits:
+        at, stop = min(hits)
+        text = text[: at + len(stop)]
+    return text
+
+
 class Roller:
     """Makes one rollout micro-batch: sample, score, advantages, old/ref log-probs (see the module doc).
 
@@ -266,23 +287,14 @@ class Roller:
     """
 
     def __init__(self, cfg: GRPOConfig, tokenizer, collator, reward, accelerator, reference=None):
-        from medmllm.data.tokenizers import modality_token_ids
-
         self.s, self.tokenizer, self.collator, self.reward = cfg.grpo, tokenizer, collator, reward
         self.acc, self.reference = accelerator, reference
-        self.banned = sorted(set(modality_token_ids(tokenizer).values()))
-        if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
-            self.banned.append(int(tokenizer.pad_token_id))
+        self.banned = banned_ids(tokenizer)
         self.policy = None  # set to the (unwrapped) model being trained before the first rollout
 
     def completion(self, ids: list[int]) -> str:
-        """The reward text of one sampled row: special tokens left out, cut right after the first stop string."""
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        hits = [(text.find(x), x) for x in self.s.stop_strings if x and x in text]
-        if hits:
-            at, stop = min(hits)
-            text = text[: at + len(stop)]
-        return text
+        """The reward text of one sampled row (:func:`completion_text`)."""
+        return completion_text(self.tokenizer, ids, self.s.stop_strings)
 
     @torch.no_grad()
     def __call__(self, items: list, seed: int) -> dict:
@@ -294,7 +306,8 @@ class Roller:
         examples = [it for it in items if it is not None for _ in range(g)]
         gen = self.collator(examples)                       # left-padded prompts; a dropped prompt drops its group
         kept = set(gen["ids"])
-        records = [ex["record"] for ex in examples if ex["record"]["id"] in kept]
+        examples = [ex for ex in examples if ex["record"]["id"] in kept]             # one per batch row
+        records = [ex["record"] for ex in examples]
         n = len(records)
         if n == 0:
             return _empty_rollout(self.reward.names)
@@ -317,8 +330,7 @@ class Roller:
             rows = mixed.nonzero().flatten().tolist()
             if not rows:
                 return _empty_rollout(self.reward.names, stats)
-            kept_examples = [ex for ex in examples if ex["record"]["id"] in kept]
-            gen = send_to_device(self.collator([kept_examples[i] for i in rows]), self.acc.device)
+            gen = send_to_device(self.collator([examples[i] for i in rows]), self.acc.device)
             tokens, advantages = [tokens[i] for i in rows], advantages[rows]
         batch = self._sequences(gen, tokens)
         batch["advantages"] = advantages.to(self.acc.device)                                        # [N']
@@ -547,5 +559,5 @@ def run(cfg: GRPOConfig, progress: bool = True) -> dict:
             "model": str(out), "prompts": len(prompts), "metrics": dict(loop.last_metrics), "run_dir": str(run_dir)}
 
 
-__all__ = ["GRPOConfig", "GRPOSettings", "Roller", "RolloutLoader", "disable_dropout", "load_prompts", "make_loss_fn",
-           "make_reward", "rl_prompt", "run", "verifiable"]
+__all__ = ["GRPOConfig", "GRPOSettings", "Roller", "RolloutLoader", "banned_ids", "completion_text", "disable_dropout",
+           "load_prompts", "make_loss_fn", "make_reward", "rl_prompt", "run", "verifiable"]
