@@ -116,7 +116,8 @@ def phantom_png() -> bytes:
 
 # ----------------------------------------------------------------------------- server (child process)
 
-def _serve(model_dir: str, model_id: str, threads: int, max_batch: int, queue_size: int, port_box) -> None:
+def _serve(model_dir: str, model_id: str, threads: int, max_batch: int, queue_size: int, port_box,
+           decode_process: bool = False) -> None:
     import torch
     import uvicorn
 
@@ -124,7 +125,8 @@ def _serve(model_dir: str, model_id: str, threads: int, max_batch: int, queue_si
     from medmllm.serve.engine import Engine
 
     torch.set_num_threads(threads)
-    engine = Engine.from_pretrained(model_dir, max_batch=max_batch, queue_size=queue_size, model_id=model_id)
+    engine = Engine.from_pretrained(model_dir, max_batch=max_batch, queue_size=queue_size, model_id=model_id,
+                                    decode_process=decode_process)
     server = uvicorn.Server(uvicorn.Config(create_app(engine, close_engine_on_shutdown=True), host="127.0.0.1",
                                            port=0, log_level="warning", access_log=False))
 
@@ -306,6 +308,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--decode-process", action=argparse.BooleanOptionalAction, default=False,
+                    help="the server decodes in a child process, prompts prefilled on the request threads")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "serve_load.json")
     args = ap.parse_args()
     import torch
@@ -330,7 +334,7 @@ def main() -> None:
         ctx = mp.get_context("spawn")
         port_box = ctx.Queue()
         proc = ctx.Process(target=_serve, args=(str(model_dir), args.model, args.threads, args.max_batch,
-                                                4 * max(levels), port_box), daemon=True)
+                                                4 * max(levels), port_box, args.decode_process), daemon=True)
         proc.start()
         try:
             port = port_box.get(timeout=300)
@@ -357,7 +361,8 @@ def main() -> None:
               "unit": "generated tokens / s over the wall time; latency per request (ms), loopback HTTP included",
               "model": {"kind": args.model, "params": params, "untrained": True, "end_of_turn_logits": "pinned at 0",
                         "request": f"one 128 px PNG data URL + a question, max_tokens {args.max_tokens}, greedy"},
-              "server": {"max_batch": args.max_batch, "queue_size": 4 * max(levels), "batch_window_ms": 5.0},
+              "server": {"max_batch": args.max_batch, "queue_size": 4 * max(levels), "batch_window_ms": 5.0,
+                         "decode_process": args.decode_process},
               "duration_s": args.duration, "results": results,
               "env": {"torch": torch.__version__, "threads": args.threads, "python": platform.python_version(),
                       "cpus": os.cpu_count(), "loadavg_before": [round(x, 2) for x in load_before],

@@ -32,7 +32,7 @@ def test_serve_builds_the_app_and_runs_uvicorn(model_dir, monkeypatch):
     monkeypatch.setenv(cli.KEYS_ENV, "k2,k3")
     result = runner.invoke(cli.app, ["serve", "--model", str(model_dir), "--api-key", "k1", "--port", "8123",
                                      "--max-body-mb", "2", "--cors-origin", "http://localhost:3000",
-                                     "--model-id", "my-model"])
+                                     "--model-id", "my-model", "--decode-process"])
     assert result.exit_code == 0, result.output
     assert (seen["host"], seen["port"]) == ("127.0.0.1", 8123)
     mw = {m.cls: m.kwargs for m in seen["app"].user_middleware}
@@ -40,6 +40,7 @@ def test_serve_builds_the_app_and_runs_uvicorn(model_dir, monkeypatch):
     assert mw[BodyLimit]["max_bytes"] == 2 << 20
     assert any(m.cls.__name__ == "CORSMiddleware" for m in seen["app"].user_middleware)
     assert seen["app"].state.engine.model_id == "my-model"
+    assert seen["app"].state.engine.decode_process           # started with the app, not here
     seen["app"].state.engine.close()
 
 

@@ -124,6 +124,7 @@ def serve_cmd(
     access_log: Optional[Path] = typer.Option(None, "--access-log", help="JSON-lines access log file (default: stderr)."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch CPU threads."),
     model_id: Optional[str] = typer.Option(None, "--model-id", help="The name clients pass as `model` (default: from the folder)."),
+    decode_process: bool = typer.Option(False, "--decode-process/--no-decode-process", help="CPU: decode in a child process, prompts prefilled on the request threads (no shared interpreter lock)."),
 ) -> None:
     """Serve a model over an OpenAI-compatible API (POST /v1/chat/completions), with a web page at /."""
     import dataclasses
@@ -132,6 +133,7 @@ def serve_cmd(
 
     from medmllm.serve.app import ServeLimits, create_app
     from medmllm.serve.engine import Engine
+    from medmllm.serve.errors import ServeError
     from medmllm.serve.inputs import InputLimits
 
     keys = api_keys(api_key)
@@ -143,8 +145,8 @@ def serve_cmd(
             torch.set_num_threads(threads)
         extra = {"model_id": model_id} if model_id else {}
         engine = Engine.from_pretrained(path, max_batch=max_batch, queue_size=queue_size,
-                                        batch_window_ms=batch_window_ms, **extra)
-    except MedmllmError as exc:
+                                        batch_window_ms=batch_window_ms, decode_process=decode_process, **extra)
+    except (MedmllmError, ServeError) as exc:
         _fail(str(exc))
     inputs = dataclasses.replace(InputLimits(), allow_remote_urls=allow_remote_urls, max_media=max_media)
     limits = ServeLimits(max_body_bytes=int(max_body_mb * (1 << 20)), inputs=inputs)

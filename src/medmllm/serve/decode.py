@@ -158,14 +158,19 @@ class DecodeState:
     length: int
 
 
+def seed_rows(rows: Sequence[Row], device) -> None:
+    """Give every sampling row its generator: seeded with the row's ``seed``, or at random without one."""
+    for row in rows:
+        if row.params.temperature > 0:
+            seed = row.params.seed if row.params.seed is not None else int.from_bytes(os.urandom(8), "little")
+            row.generator = torch.Generator(device=device).manual_seed(seed & 0xFFFF_FFFF_FFFF_FFFF)
+
+
 def _prefill(model, batch: dict, rows: Sequence[Row]) -> DecodeState:
     """Run the prompts of a collated left-padded ``batch`` (``rows[i]`` is row ``i``) through the model."""
     inputs = model_inputs(model, batch)
     embeds, attention, positions = model.embed_inputs(**inputs)                 # [B, L, H], [B, L], [B, L]
-    for row in rows:
-        if row.params.temperature > 0:
-            seed = row.params.seed if row.params.seed is not None else int.from_bytes(os.urandom(8), "little")
-            row.generator = torch.Generator(device=embeds.device).manual_seed(seed & 0xFFFF_FFFF_FFFF_FFFF)
+    seed_rows(rows, embeds.device)
     out = model.llm(inputs_embeds=embeds, attention_mask=attention, position_ids=positions, use_cache=True,
                     logits_to_keep=1)
     full = attention is None or bool(attention.all())
@@ -350,4 +355,4 @@ def run_batch(model, tokenizer, batch: dict, rows: Sequence[Row],
             return passes
 
 
-__all__ = ["DecodeState", "GrowingLayer", "Row", "RowParams", "merge", "mergeable", "pick", "run_batch"]
+__all__ = ["DecodeState", "GrowingLayer", "Row", "RowParams", "merge", "mergeable", "pick", "run_batch", "seed_rows"]

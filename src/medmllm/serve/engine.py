@@ -12,6 +12,11 @@ Life of a request::
     # Delta(text) events as its text grows, then one Done (or Failed) event.
     handle.cancel()                      # e.g. the client went away: the row leaves the batch
 
+With ``decode_process=True`` (:mod:`medmllm.serve.decode_process`) the decode loop runs in a child
+process instead of the worker thread: ``prepare`` also prefills the prompt on the caller's thread, and
+``submit`` sends that one-row state to the child, whose events come back on a reader thread. The
+answers are the same; the decode steps no longer share an interpreter lock with the request threads.
+
 ``sink`` is called on the worker thread and must return quickly (the app hands events to its
 event loop). :meth:`Engine.complete` and :meth:`Engine.stream` are blocking conveniences for the
 CLI, tests and benchmarks. ``Engine.stats`` counts ``batches`` (one ``run_batch`` = one generate call),
@@ -64,6 +69,7 @@ class Prepared:
     prompt_tokens: int
     params: RowParams
     encoded: list = field(default_factory=list)
+    state: dict | None = None            # the prefilled prompt (decode_process engines), see pack_state
 
 
 @dataclass
@@ -97,10 +103,15 @@ class Handle:
     sink: Callable[[object], None]
     stream: bool = True
     submitted: float = field(default_factory=time.perf_counter)
+    on_cancel: Callable[[], None] | None = None
     _cancelled: threading.Event = field(default_factory=threading.Event)
 
     def cancel(self) -> None:
+        if self._cancelled.is_set():
+            return
         self._cancelled.set()
+        if self.on_cancel is not None:
+            self.on_cancel()
 
     @property
     def cancelled(self) -> bool:
@@ -118,12 +129,14 @@ class Engine:
 
     ``shapes``: the :class:`~medmllm.data.dataset.ModalityShapes` files are loaded with (default:
     what the model fixes, :func:`medmllm.model.inspect.modality_shapes_for`). ``max_context``:
-    prompt + max_tokens ceiling (default: the LLM's ``max_position_embeddings``).
+    prompt + max_tokens ceiling (default: the LLM's ``max_position_embeddings``). ``decode_process``:
+    decode in a child process (see module doc); needs a CPU model loaded with :meth:`from_pretrained`
+    (the child loads the same folder, ``source``) whose KV cache can be merged (not Gemma 3's sliding window).
     """
 
     def __init__(self, model, tokenizer, *, model_id: str = "medmllm", shapes=None, max_batch: int = 8,
                  queue_size: int = 64, batch_window_ms: float = 5.0, max_context: int | None = None,
-                 default_max_tokens: int = 256):
+                 default_max_tokens: int = 256, decode_process: bool = False, source: str | Path | None = None):
         from medmllm.data.collate import MultimodalCollator
         from medmllm.data.dataset import PartLoader
         from medmllm.model.inspect import modality_shapes_for
@@ -151,6 +164,12 @@ class Engine:
         self.stats = {"batches": 0, "requests": 0, "forward_passes": 0, "largest_batch": 0,
                       "joined_running_batch": 0, "decode_steps": 0, "row_steps": 0,
                       "longest_cache": 0}
+        self.decode_process, self.source = bool(decode_process), source
+        self._proc = None                                  # the DecodeProcess, once started
+        self._handles: dict[str, Handle] = {}              # decode_process: submitted, not yet ended
+        self._handles_lock = threading.Lock()
+        if self.decode_process:
+            self._check_decode_process()
 
     # ------------------------------------------------------------------ construction
 
@@ -164,6 +183,7 @@ class Engine:
         if not (p / "config.json").is_file():
             raise InputError(p, "expected a folder written by MedMLLM.save_pretrained (with config.json), found none")
         kw.setdefault("model_id", p.name if p.name != "model" else f"{p.parent.name}-model")
+        kw.setdefault("source", p)
         return cls(MedMLLM.from_pretrained(p).eval(), load_tokenizer(p), **kw)
 
     @property
@@ -173,7 +193,17 @@ class Engine:
     # ------------------------------------------------------------------ worker
 
     def start(self) -> "Engine":
-        """Start the worker thread (idempotent)."""
+        """Start the worker thread, or the decode process (idempotent)."""
+        if self.decode_process:
+            if self._proc is None:
+                import torch
+
+                from medmllm.serve.decode_process import DecodeProcess
+
+                self._proc = DecodeProcess(self.source, self.max_batch, torch.get_num_threads(), self._on_event,
+                                           self._on_exit, stats=self.stats).start()
+                atexit.register(self.close)
+            return self
         if self._thread is None or not self._thread.is_alive():
             self._stop.clear()
             self._thread = threading.Thread(target=self._work, name="medmllm-serve-engine", daemon=True)
@@ -185,6 +215,8 @@ class Engine:
         """Stop the worker after the batch it is running; waiting requests get a 503."""
         self._stop.set()
         atexit.unregister(self.close)
+        if self._proc is not None:
+            self._proc.close(timeout)
         if self._thread is not None:
             self._thread.join(timeout)
         while True:
@@ -197,12 +229,78 @@ class Engine:
 
     @property
     def alive(self) -> bool:
-        """Whether the worker thread runs."""
+        """Whether the worker thread (or the decode process) runs."""
+        if self.decode_process:
+            return self._proc is not None and self._proc.alive
         return self._thread is not None and self._thread.is_alive()
 
     @property
     def waiting(self) -> int:
+        if self.decode_process:
+            return max(0, len(self._handles) - int(self.stats.get("running", 0)))
         return self._queue.qsize()
+
+    # ------------------------------------------------------------------ decode process
+
+    def _check_decode_process(self) -> None:
+        from transformers.cache_utils import DynamicCache
+
+        from medmllm.serve.decode import mergeable
+
+        llm = self.model.llm
+        if self.source is None:
+            raise ServeError(500, "decode_process needs a model loaded from a folder (Engine.from_pretrained)",
+                             "bad_config")
+        if next(llm.parameters()).device.type != "cpu":
+            raise ServeError(500, f"decode_process runs CPU models only; this one is on "
+                                  f"{next(llm.parameters()).device}", "bad_config")
+        if not mergeable(DynamicCache(config=llm.config)):
+            raise ServeError(500, f"decode_process needs a KV cache whose rows can be merged; "
+                                  f"{type(llm).__name__}'s has {type(DynamicCache(config=llm.config).layers[0]).__name__}"
+                                  " layers", "bad_config")
+
+    def _prefill_here(self, p: Prepared) -> dict:
+        """``p``'s prompt prefilled on the caller's thread, packed for the decode process."""
+        import torch
+
+        from medmllm.serve.decode import _prefill
+        from medmllm.serve.decode_process import pack_state
+
+        with self._prep_lock:
+            batch = self.collate([p], self._prep_collator)
+        with torch.inference_mode():
+            return pack_state(_prefill(self.model, batch, []))
+
+    def _on_event(self, ev: tuple) -> None:
+        kind, rid = ev[0], ev[1]
+        with self._handles_lock:
+            h = self._handles.get(rid) if kind == "delta" else self._handles.pop(rid, None)
+        if h is None:
+            return
+        if kind == "delta":
+            h.send(Delta(ev[2]))
+        elif kind == "done":
+            h.send(Done(ev[2], ev[3], h.prepared.prompt_tokens, ev[4]))
+        else:
+            h.send(Failed(ServeError(500, "the model failed while generating; the error was logged",
+                                     "internal_error")))
+
+    def _on_exit(self) -> None:
+        """The decode process has gone (closed or died): every request still open gets a 503."""
+        with self._handles_lock:
+            left, self._handles = list(self._handles.values()), {}
+        if left and not self._stop.is_set():
+            log.error("the decode process stopped with %d requests open", len(left))
+        for h in left:
+            h.send(Failed(ServeError(503, "the server is shutting down" if self._stop.is_set() else
+                                     "the model's decode process stopped; the error was logged",
+                                     "shutting_down" if self._stop.is_set() else "engine_unavailable")))
+
+    def _cancel_in_process(self, rid: str) -> None:
+        with self._handles_lock:
+            if rid not in self._handles:
+                return
+        self._proc.send(("cancel", rid))                   # if the child is gone, _on_exit answers the request
 
     def _work(self) -> None:
         while not self._stop.is_set():
@@ -278,11 +376,11 @@ class Engine:
             return
         self.stats["forward_passes"] += passes
 
-    def collate(self, prepared: Sequence[Prepared]) -> dict:
+    def collate(self, prepared: Sequence[Prepared], collator=None) -> dict:
         """The worker's left-padded batch of ``prepared`` requests, in order, carrying their encoded media as
         ``modality_tokens`` (the raw media tensors are left out: the model does not encode them again).
-        Call it from the worker thread only (it uses the worker's tokenizer)."""
-        batch = self._collator([p.example for p in prepared])
+        Call it from the worker thread only (it uses the worker's tokenizer), or pass another ``collator``."""
+        batch = (collator or self._collator)([p.example for p in prepared])
         if batch["ids"] != [p.id for p in prepared]:
             raise RuntimeError(f"collator dropped {batch['dropped']}")
         done: dict[str, list] = {}                           # batch order: row by row, then order of appearance
@@ -307,10 +405,32 @@ class Engine:
         ``stream=False``: no Delta events, only the Done (the text is decoded once, at the end).
         """
         h = Handle(prepared, sink, stream)
+        if self.decode_process:
+            return self._submit_to_process(h)
         try:
             self._queue.put_nowait(h)
         except queue.Full:
             raise QueueFull(self.queue_size) from None
+        return h
+
+    def _submit_to_process(self, h: Handle) -> Handle:
+        rid = h.prepared.id
+        if self._proc is None or not self._proc.alive:
+            raise ServeError(503, "the model's decode process is not running", "engine_unavailable")
+        if h.prepared.state is None:
+            raise ServeError(500, "the request was prepared without its prefill", "internal_error")
+        with self._handles_lock:
+            if len(self._handles) >= self.max_batch + self.queue_size:
+                raise QueueFull(self.queue_size)
+            self._handles[rid] = h
+        h.on_cancel = lambda: self._cancel_in_process(rid)
+        if not self._proc.alive:                           # died meanwhile: _on_exit may have run already
+            with self._handles_lock:
+                self._handles.pop(rid, None)
+            raise ServeError(503, "the model's decode process is not running", "engine_unavailable")
+        self.stats["requests"] += 1
+        state, h.prepared.state = h.prepared.state, None   # the sender thread owns the arrays from here
+        self._proc.send(("join", rid, h.prepared.params, h.stream, state))
         return h
 
     def prepare(self, messages: Sequence[dict], params: SamplingParams = SamplingParams(),
@@ -338,7 +458,10 @@ class Engine:
                           "messages", detail=str(exc)) from None
         n = len(sample.input_ids)
         row_params = self._row_params(params, n)
-        return Prepared(rid, example, n, row_params, self._encode(rid, mods))
+        prepared = Prepared(rid, example, n, row_params, self._encode(rid, mods))
+        if self.decode_process:
+            prepared.state = self._prefill_here(prepared)
+        return prepared
 
     def _encode(self, rid: str, mods: list) -> list:
         """Each media tensor -> ``(kind, tokens [M, H], mask [M])`` through its encoder and projector.
