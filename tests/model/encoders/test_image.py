@@ -218,3 +218,29 @@ def test_encoder_registry_names():
     assert isinstance(enc, CNNImageEncoder) and enc.num_tokens((1, 16, 16)) == 5
     with pytest.raises(ConfigError):
         build_encoder("CNN_image")
+
+
+@pytest.mark.parametrize("kind", sorted(TOWERS))
+def test_hf_layers_after_the_feature_layer_are_not_run(loaded, kind):
+    import copy
+
+    enc, ref = loaded[kind]
+    from medmllm.model.encoders.image import _tower_layers
+
+    layers = _tower_layers(enc.vision_model)
+    assert len(layers) == TINY["num_hidden_layers"]
+    calls = []
+    hooks = [m.register_forward_pre_hook(lambda m, a, i=i: calls.append(i)) for i, m in enumerate(layers)]
+    try:
+        with torch.no_grad():
+            enc(_pixels(1))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert calls == list(range(len(layers) - 1))              # feature_layer -2: the last layer never runs
+    assert set(enc.state_dict()) == {f"vision_model.{k}" for k in enc.vision_model.state_dict()}
+    twin = copy.deepcopy(enc)                                 # the copy stops at its own layer
+    with torch.no_grad():
+        torch.testing.assert_close(twin(_pixels(2)).features, enc(_pixels(2)).features, rtol=0, atol=0)
+        ref_hidden = ref(pixel_values=_pixels(2), output_hidden_states=True).hidden_states[-2]
+    assert torch.equal(enc(_pixels(2)).features, ref_hidden[:, int(TOWERS[kind][2]):])

@@ -14,6 +14,7 @@ Input ``pixel_values [B, C, H, W]`` (already normalised), output tokens ``[B, N,
 
 from __future__ import annotations
 
+import threading
 from typing import Sequence
 
 import torch
@@ -43,6 +44,34 @@ def _prefix_tokens(config) -> int:
                       "(pass num_prefix_tokens= for another tower)")
 
 
+class _FeatureReady(Exception):
+    """Raised by :func:`_stop_after` to leave a tower's forward once the wanted hidden state exists."""
+
+    def __init__(self, hidden: torch.Tensor):
+        self.hidden = hidden
+
+
+_STOP = threading.local()       # .layer: the tower layer whose output ends this thread's current forward
+
+
+def _stop_after(layer: nn.Module, args, output):
+    """Forward hook: if ``layer`` is the one this thread's :class:`HFImageEncoder` forward waits for, stop
+    the tower there with its output (the following layers and any pooler would be thrown away)."""
+    if getattr(_STOP, "layer", None) is layer:
+        raise _FeatureReady(output[0] if isinstance(output, tuple) else output)
+
+
+def _tower_layers(vision_model: nn.Module) -> nn.ModuleList | None:
+    """The tower's list of transformer layers (CLIP / SigLIP: ``encoder.layers``; DINOv2: ``encoder.layer``;
+    ViT: ``layers``), or None when it has none of them."""
+    root = getattr(vision_model, "vision_model", vision_model)
+    encoder = getattr(root, "encoder", None)
+    for layers in (getattr(encoder, "layers", None), getattr(encoder, "layer", None), getattr(root, "layers", None)):
+        if isinstance(layers, nn.ModuleList):
+            return layers
+    return None
+
+
 def _pair(v) -> tuple[int, int]:
     return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
@@ -54,8 +83,10 @@ class HFImageEncoder(ModalityEncoder):
     (anything whose forward takes ``pixel_values`` and honours ``output_hidden_states=True``).
     ``feature_layer`` indexes ``hidden_states`` (entry 0 = embeddings; -2 = penultimate layer, as in
     LLaVA). ``drop_cls`` drops the CLS token (and register tokens) only where the tower has them
-    (CLIP, DINOv2, ViT: yes; SigLIP: no). Layers after ``feature_layer`` (and any pooler) get no
-    gradient; freeze the tower or use ``find_unused_parameters`` when training it with DDP.
+    (CLIP, DINOv2, ViT: yes; SigLIP: no). Layers after ``feature_layer`` (and any pooler) are not run
+    (as vLLM builds its LLaVA towers only up to the feature layer): the forward stops at the layer that
+    produces ``hidden_states[feature_layer]``, with the same tensor. They get no gradient; freeze the tower
+    or use ``find_unused_parameters`` when training it with DDP.
     """
 
     modality = "image"
@@ -73,6 +104,11 @@ class HFImageEncoder(ModalityEncoder):
         self.in_channels = int(getattr(config, "num_channels", 3))
         self.num_prefix = _prefix_tokens(config) if num_prefix_tokens is None else int(num_prefix_tokens)
         self.num_dropped = self.num_prefix if drop_cls else 0
+        index, layers = self.feature_layer % n_states, _tower_layers(vision_model)
+        self._stop_index = None                      # the layer whose output is the feature (None: run all)
+        if layers is not None and len(layers) == n_states - 1 and 0 < index < n_states - 1:
+            self._stop_index = index - 1
+            layers[self._stop_index].register_forward_hook(_stop_after)
 
     def _grid(self, h: int, w: int) -> int:
         ph, pw = self.patch_size
@@ -90,13 +126,28 @@ class HFImageEncoder(ModalityEncoder):
             raise InputError("pixel_values", f"expected {self.in_channels} channels, got shape {tuple(x.shape)}")
         n_patches = self._grid(x.shape[2], x.shape[3])
         dtype = next(self.vision_model.parameters()).dtype
-        out = self.vision_model(pixel_values=x.to(dtype), output_hidden_states=True, **tower_kw)
-        hidden = out.hidden_states[self.feature_layer]                   # [B, prefix + P, D]
+        hidden = self._features(x.to(dtype), **tower_kw)                  # [B, prefix + P, D]
         if hidden.shape[1] != self.num_prefix + n_patches:
             raise InputError("pixel_values", f"tower returned {hidden.shape[1]} tokens, expected "
                              f"{self.num_prefix} prefix + {n_patches} patches")
         features = hidden[:, self.num_dropped:]                           # [B, N, D]
         return EncoderOutput(features, full_mask(x.shape[0], features.shape[1], x.device))
+
+
+    def _features(self, x: torch.Tensor, **tower_kw) -> torch.Tensor:
+        """``hidden_states[feature_layer]`` of the tower on ``x``, running no layer after it."""
+        if self._stop_index is None:
+            return self.vision_model(pixel_values=x, output_hidden_states=True, **tower_kw).hidden_states[
+                self.feature_layer]
+        _STOP.layer = _tower_layers(self.vision_model)[self._stop_index]
+        try:
+            self.vision_model(pixel_values=x, **tower_kw)
+        except _FeatureReady as ready:
+            return ready.hidden
+        finally:
+            _STOP.layer = None
+        raise RuntimeError(f"{type(self.vision_model).__name__} never ran the layer of feature_layer "
+                           f"{self.feature_layer}")
 
 
 def hf_image_encoder(name_or_path: str, feature_layer: int = -2, drop_cls: bool = True,
