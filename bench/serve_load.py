@@ -34,7 +34,10 @@ the level's ratios are against those two halves together:
 ``ratio`` = the level's server tokens/s / its bracketing baseline tokens/s, one per baseline.
 
     python bench/serve_load.py [--model llava|small] [--duration 20] [--clients 1,8,32] [--max-tokens 32]
-                               [--threads 1]
+                               [--threads 1] [--decode-process]
+
+``--decode-process``: the server is ``Engine(decode_process=True)`` (``medmllm serve --decode-process``): decode
+steps in a child process, prompts prefilled on the request threads.
 
 Results -> bench/results/serve_load.json. One torch thread by default (see
 bench/generation_throughput.py: on a shared 2-core machine two OpenMP threads compete badly).
