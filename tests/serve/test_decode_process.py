@@ -62,8 +62,28 @@ def test_answers_equal_the_in_process_engine(engine, split_engine, image, params
     assert [d.usage for d in got] == [d.usage for d in want]
     assert split_engine.stats["requests"] - before["requests"] == len(QUESTIONS)
     assert split_engine.stats["largest_batch"] <= 2
-    assert split_engine.stats["joined_running_batch"] > before["joined_running_batch"]
     assert split_engine.waiting == 0
+
+
+def test_a_request_joins_the_running_batch(engine, split_engine, image):
+    import queue
+
+    long_q, short_q = _msg("Describe the image.", image), _msg("Findings?", image)
+    long_ref = engine.complete(long_q, SamplingParams(max_tokens=300))
+    assert long_ref.completion_tokens >= 100                  # the premise: the first row runs a while
+    before = split_engine.stats["joined_running_batch"]
+    first, second = queue.Queue(), queue.Queue()
+    split_engine.submit(split_engine.prepare(long_q, SamplingParams(max_tokens=300)), first.put)
+    assert isinstance(first.get(timeout=60), Delta)            # decoding
+    split_engine.submit(split_engine.prepare(short_q, SamplingParams(max_tokens=3)), second.put, stream=False)
+    done = []
+    for box in (first, second):
+        while not isinstance(ev := box.get(timeout=60), Done):
+            pass
+        done.append(ev)
+    assert done[0].text == long_ref.text
+    assert done[1].text == engine.complete(short_q, SamplingParams(max_tokens=3)).text
+    assert split_engine.stats["joined_running_batch"] == before + 1
 
 
 def test_streamed_pieces_make_the_answer(engine, split_engine, image):

@@ -254,10 +254,10 @@ class Engine:
         if next(llm.parameters()).device.type != "cpu":
             raise ServeError(500, f"decode_process runs CPU models only; this one is on "
                                   f"{next(llm.parameters()).device}", "bad_config")
-        if not mergeable(DynamicCache(config=llm.config)):
-            raise ServeError(500, f"decode_process needs a KV cache whose rows can be merged; "
-                                  f"{type(llm).__name__}'s has {type(DynamicCache(config=llm.config).layers[0]).__name__}"
-                                  " layers", "bad_config")
+        cache = DynamicCache(config=llm.config)
+        if not mergeable(cache):
+            raise ServeError(500, f"decode_process needs a KV cache whose rows can be merged; {type(llm).__name__}'s "
+                                  f"has {type(cache.layers[0]).__name__} layers", "bad_config")
 
     def _prefill_here(self, p: Prepared) -> dict:
         """``p``'s prompt prefilled on the caller's thread, packed for the decode process."""
