@@ -154,3 +154,16 @@ def test_refused_configurations(model_dir, shapes):
     gemma, gtok = tiny("gemma", seed=0)
     with pytest.raises(ServeError, match="merged"):
         Engine(gemma, gtok, shapes=shapes, decode_process=True, source=model_dir)
+
+
+def test_a_broken_state_fails_its_request_and_the_child_goes_on(split_engine, image):
+    import queue
+
+    broken = split_engine.prepare(_msg("Findings?", image), SamplingParams(max_tokens=3))
+    broken.state = {"kv": [], "logits": None}                  # the child cannot rebuild this
+    box: queue.Queue = queue.Queue()
+    split_engine.submit(broken, box.put)
+    ev = box.get(timeout=60)
+    assert isinstance(ev, Failed) and ev.error.status == 500 and ev.error.code == "internal_error"
+    assert split_engine.alive
+    assert split_engine.complete(_msg("Findings?", image), SamplingParams(max_tokens=3)).completion_tokens == 3

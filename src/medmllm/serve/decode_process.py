@@ -102,6 +102,7 @@ class _Loop:
         self.stats = {"batches": 0, "forward_passes": 0, "largest_batch": 0, "joined_running_batch": 0,
                       "decode_steps": 0, "row_steps": 0, "longest_cache": 0, "running": 0}
         self.st: DecodeState | None = None
+        self.joining: list[Row] = []          # rows taken from ``waiting`` and not yet in ``st``
 
     def run(self) -> None:
         while self._intake(block=self.st is None and not self.waiting):
@@ -111,10 +112,10 @@ class _Loop:
                     self._advance()
             except Exception:  # noqa: BLE001 - logged; the batch's clients get a 500, the loop goes on
                 log.exception("the decode process failed on a batch")
-                for row in self.st.rows if self.st is not None else []:
+                for row in [*(self.st.rows if self.st is not None else []), *self.joining]:
                     if row.reason is None:
                         self.events.append(("failed", row.rid))
-                self.st = None
+                self.st, self.joining = None, []
             self.stats["running"] = len(self.st.rows) if self.st is not None else 0
             if self.events:
                 self.conn_out.send_bytes(pickle.dumps(("events", self.events, dict(self.stats))))
@@ -162,6 +163,7 @@ class _Loop:
         while self.waiting and running + len(states) < self.capacity:
             rid, params, stream, data = self.waiting.popleft()
             row = self._row(rid, params, stream)
+            self.joining.append(row)
             seed_rows([row], "cpu")
             states.append(unpack_state(data, row))
         if not states:
@@ -171,6 +173,7 @@ class _Loop:
         else:
             self.stats["joined_running_batch"] += len(states)
         self.st = merge(([self.st] if self.st is not None else []) + states)
+        self.joining = []
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(self.st.rows))
 
     def _advance(self) -> None:
