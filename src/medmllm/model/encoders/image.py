@@ -133,7 +133,6 @@ class HFImageEncoder(ModalityEncoder):
         features = hidden[:, self.num_dropped:]                           # [B, N, D]
         return EncoderOutput(features, full_mask(x.shape[0], features.shape[1], x.device))
 
-
     def _features(self, x: torch.Tensor, **tower_kw) -> torch.Tensor:
         """``hidden_states[feature_layer]`` of the tower on ``x``, running no layer after it."""
         if self._stop_index is None:
