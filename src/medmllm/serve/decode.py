@@ -306,6 +306,35 @@ def merge(states: Sequence[DecodeState]) -> DecodeState:
                        torch.cat([st.next_pos for st in states]), [r for st in states for r in st.rows], length)
 
 
+def push_tokens(st: DecodeState, eos: set[int]) -> tuple[torch.Tensor, list[int]]:
+    """Pick every row's next token and hand it to the row (a cancelled row ends instead). Returns the
+    tokens ``[b]`` and the batch indices of the rows still running."""
+    tok = pick(st.logits, st.rows)                                                 # [b]
+    for k, row in enumerate(st.rows):
+        if row.reason is not None:
+            continue                                       # ended earlier (a cache that cannot drop rows)
+        if row.cancelled():
+            row.cancel()
+        else:
+            row.push(int(tok[k]), int(tok[k]) in eos)
+    return tok, [k for k, row in enumerate(st.rows) if row.reason is None]
+
+
+def step_rows(model, st: DecodeState, tok: torch.Tensor, keep: list[int], stats: dict | None = None) -> None:
+    """Drop the rows not in ``keep`` (where the cache can drop rows; then also the cache positions every
+    row masks), feed the others their ``tok`` and count the step in ``stats`` (``decode_steps``,
+    ``row_steps``, ``longest_cache``)."""
+    if callable(getattr(st.cache, "batch_select_indices", None)) and len(keep) < len(st.rows):
+        tok = _select(st, keep, tok)
+        if mergeable(st.cache):
+            _trim(st)
+    _step(model, st, tok)
+    if stats is not None:
+        stats["decode_steps"] = stats.get("decode_steps", 0) + 1
+        stats["row_steps"] = stats.get("row_steps", 0) + len(st.rows)
+        stats["longest_cache"] = max(stats.get("longest_cache", 0), st.length)
+
+
 @torch.inference_mode()
 def run_batch(model, tokenizer, batch: dict, rows: Sequence[Row],
               admit: Callable[[int], tuple[dict, list[Row]] | None] | None = None, capacity: int | None = None,
@@ -324,29 +353,13 @@ def run_batch(model, tokenizer, batch: dict, rows: Sequence[Row],
     capacity = capacity or len(rows)
     st, passes = _prefill(model, batch, rows), 1
     while True:
-        tok = pick(st.logits, st.rows)                                             # [b]
-        for k, row in enumerate(st.rows):
-            if row.reason is not None:
-                continue                                   # ended earlier (a cache that cannot drop rows)
-            if row.cancelled():
-                row.cancel()
-            else:
-                row.push(int(tok[k]), int(tok[k]) in eos)
-        keep = [k for k, row in enumerate(st.rows) if row.reason is None]
+        tok, keep = push_tokens(st, eos)
         prunable = callable(getattr(st.cache, "batch_select_indices", None))
         new = admit(capacity - len(keep)) if admit is not None and prunable and len(keep) < capacity \
             and mergeable(st.cache) else None
         if keep:
-            if prunable and len(keep) < len(st.rows):
-                tok = _select(st, keep, tok)
-                if mergeable(st.cache):
-                    _trim(st)
-            _step(model, st, tok)
+            step_rows(model, st, tok, keep, stats)
             passes += 1
-            if stats is not None:
-                stats["decode_steps"] = stats.get("decode_steps", 0) + 1
-                stats["row_steps"] = stats.get("row_steps", 0) + len(st.rows)
-                stats["longest_cache"] = max(stats.get("longest_cache", 0), st.length)
             if new is not None:
                 st, passes = merge([st, _prefill(model, *new)]), passes + 1
         elif new is not None:
@@ -355,4 +368,5 @@ def run_batch(model, tokenizer, batch: dict, rows: Sequence[Row],
             return passes
 
 
-__all__ = ["DecodeState", "GrowingLayer", "Row", "RowParams", "merge", "mergeable", "pick", "run_batch", "seed_rows"]
+__all__ = ["DecodeState", "GrowingLayer", "Row", "RowParams", "merge", "mergeable", "pick", "push_tokens", "run_batch",
+           "seed_rows", "step_rows"]

@@ -39,8 +39,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from medmllm.serve.decode import (DecodeState, Row, RowParams, _grow_in_place, _select, _step, _trim, merge, pick,
-                                  seed_rows)
+from medmllm.serve.decode import (DecodeState, Row, RowParams, _grow_in_place, merge, push_tokens, seed_rows,
+                                  step_rows)
 
 log = logging.getLogger("medmllm.serve")
 
@@ -178,26 +178,13 @@ class _Loop:
 
     def _advance(self) -> None:
         """One token for every row (the step of :func:`~medmllm.serve.decode.run_batch`)."""
-        st = self.st
         with torch.inference_mode():
-            tok = pick(st.logits, st.rows)                                         # [b]
-            for k, row in enumerate(st.rows):
-                if row.cancelled():
-                    row.cancel()
-                else:
-                    row.push(int(tok[k]), int(tok[k]) in self.eos)
-            keep = [k for k, row in enumerate(st.rows) if row.reason is None]
+            tok, keep = push_tokens(self.st, self.eos)
             if not keep:
                 self.st = None
                 return
-            if len(keep) < len(st.rows):
-                tok = _select(st, keep, tok)
-                _trim(st)
-            _step(self.model, st, tok)
+            step_rows(self.model, self.st, tok, keep, self.stats)
         self.stats["forward_passes"] += 1
-        self.stats["decode_steps"] += 1
-        self.stats["row_steps"] += len(st.rows)
-        self.stats["longest_cache"] = max(self.stats["longest_cache"], st.length)
 
 
 def _child_main(model_dir: str, capacity: int, threads: int, fd: int) -> None:

@@ -356,8 +356,11 @@ class Engine:
                     break
                 if not h.cancelled:
                     hs.append(h)
-            if hs:
+            if hs and n < self.max_batch:                  # rows still running: these join them
                 self.stats["joined_running_batch"] += len(hs)
+            elif hs:                                       # the batch had ended: these start a new one
+                self.stats["batches"] += 1
+                self.stats["largest_batch"] = max(self.stats["largest_batch"], len(hs))
             return collate(hs) if hs else None
 
         # counted before decoding: a client may read the stats as soon as its Done arrives
