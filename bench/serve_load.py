@@ -34,7 +34,7 @@ the level's ratios are against those two halves together:
 ``ratio`` = the level's server tokens/s / its bracketing baseline tokens/s, one per baseline.
 
     python bench/serve_load.py [--model llava|small] [--duration 20] [--clients 1,8,32] [--max-tokens 32]
-                               [--threads 1] [--decode-process]
+                               [--threads 1] [--decode-process] [--prepare-concurrency 1]
 
 ``--decode-process``: the server is ``Engine(decode_process=True)`` (``medmllm serve --decode-process``): decode
 steps in a child process, prompts prefilled on the request threads.
@@ -120,7 +120,7 @@ def phantom_png() -> bytes:
 # ----------------------------------------------------------------------------- server (child process)
 
 def _serve(model_dir: str, model_id: str, threads: int, max_batch: int, queue_size: int, port_box,
-           decode_process: bool = False) -> None:
+           decode_process: bool = False, prepare_concurrency: int = 1) -> None:
     import torch
     import uvicorn
 
@@ -129,7 +129,7 @@ def _serve(model_dir: str, model_id: str, threads: int, max_batch: int, queue_si
 
     torch.set_num_threads(threads)
     engine = Engine.from_pretrained(model_dir, max_batch=max_batch, queue_size=queue_size, model_id=model_id,
-                                    decode_process=decode_process)
+                                    decode_process=decode_process, prepare_concurrency=prepare_concurrency)
     server = uvicorn.Server(uvicorn.Config(create_app(engine, close_engine_on_shutdown=True), host="127.0.0.1",
                                            port=0, log_level="warning", access_log=False))
 
@@ -313,6 +313,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--decode-process", action=argparse.BooleanOptionalAction, default=False,
                     help="the server decodes in a child process, prompts prefilled on the request threads")
+    ap.add_argument("--prepare-concurrency", type=int, default=1,
+                    help="requests the server prepares (loads, encodes, prefills) at the same time")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "serve_load.json")
     args = ap.parse_args()
     import torch
@@ -337,7 +339,8 @@ def main() -> None:
         ctx = mp.get_context("spawn")
         port_box = ctx.Queue()
         proc = ctx.Process(target=_serve, args=(str(model_dir), args.model, args.threads, args.max_batch,
-                                                4 * max(levels), port_box, args.decode_process), daemon=True)
+                                                4 * max(levels), port_box, args.decode_process,
+                                                args.prepare_concurrency), daemon=True)
         proc.start()
         try:
             port = port_box.get(timeout=300)
@@ -365,7 +368,7 @@ def main() -> None:
               "model": {"kind": args.model, "params": params, "untrained": True, "end_of_turn_logits": "pinned at 0",
                         "request": f"one 128 px PNG data URL + a question, max_tokens {args.max_tokens}, greedy"},
               "server": {"max_batch": args.max_batch, "queue_size": 4 * max(levels), "batch_window_ms": 5.0,
-                         "decode_process": args.decode_process},
+                         "decode_process": args.decode_process, "prepare_concurrency": args.prepare_concurrency},
               "duration_s": args.duration, "results": results,
               "env": {"torch": torch.__version__, "threads": args.threads, "python": platform.python_version(),
                       "cpus": os.cpu_count(), "loadavg_before": [round(x, 2) for x in load_before],

@@ -362,3 +362,37 @@ def test_a_batch_that_never_drains_keeps_its_cache_bounded_and_answers_as_alone(
     assert stats["decode_steps"] > 2 * 4 + longest_prompt // 4     # long enough to grow without trimming
     assert stats["longest_cache"] <= longest_prompt + 4
 
+
+
+@pytest.mark.parametrize("slots", [1, 2])
+def test_prepare_runs_at_most_prepare_concurrency_requests_at_once(model_dir, files, shapes, monkeypatch, slots):
+    """Request threads queue for prepare (files, encoders, prefill) instead of all running it at once."""
+    import time
+
+    eng = Engine.from_pretrained(model_dir, shapes=shapes, prepare_concurrency=slots)
+    inside, most, lock = [0], [0], threading.Lock()
+    real = eng._encode
+
+    def slow_encode(rid, mods):
+        with lock:
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+        time.sleep(0.05)                                  # long enough for the other threads to arrive
+        try:
+            return real(rid, mods)
+        finally:
+            with lock:
+                inside[0] -= 1
+
+    monkeypatch.setattr(eng, "_encode", slow_encode)
+    messages = _msg("What is shown?", _part("image", files / "x.png"))
+    out: list = []
+    threads = [threading.Thread(target=lambda: out.append(eng.prepare(messages, SamplingParams(max_tokens=2))))
+               for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(out) == 4 and most[0] == slots
+    with pytest.raises(ServeError, match="prepare_concurrency must be >= 1.*got 8, 64 and 0"):
+        Engine.from_pretrained(model_dir, shapes=shapes, prepare_concurrency=0)

@@ -57,6 +57,59 @@ def test_one_step_gives_the_library_logits_and_cache(build, padded):
         torch.testing.assert_close(mine.values, theirs.values, atol=1e-6, rtol=1e-6)
 
 
+def _one_step(llm, b=3, n=9, seed=0):
+    """The library's next-token logits and cache after a prompt of ``n`` tokens, and this module's."""
+    torch.manual_seed(seed)
+    ids = torch.randint(0, llm.config.vocab_size, (b, n))
+    with torch.inference_mode():
+        out = llm(input_ids=ids, use_cache=True)
+        tok, nxt = out.logits[:, -1].argmax(-1), torch.full((b, 1), n)
+        cache = copy.deepcopy(out.past_key_values)
+        ref = llm(input_ids=tok[:, None], position_ids=nxt, past_key_values=out.past_key_values,
+                  use_cache=True).logits[:, -1]
+        got = llama_step.decode_step(llm, tok, nxt, None, cache)
+    return ref, got, out.past_key_values, cache
+
+
+@pytest.mark.parametrize("build", [_llama, _qwen2], ids=["llama", "qwen2"])
+def test_without_padding_the_step_is_the_library_bit_for_bit(build):
+    """fp32, no mask: the same operators on the same shapes, so not one bit differs (F.rms_norm included)."""
+    ref, got, ref_cache, cache = _one_step(build())
+    assert torch.equal(got, ref)
+    assert all(torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+               for a, b in zip(cache.layers, ref_cache.layers))
+
+
+def test_positions_past_the_first_rotary_table_grow_it():
+    """The rotary table starts at 256 positions; a row at position 300 gets the library's values."""
+    ref, got, _, _ = _one_step(_llama(max_position_embeddings=512), b=1, n=300)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_a_dynamic_rope_is_recomputed_as_the_library_does():
+    llm = _llama(rope_scaling={"rope_type": "dynamic", "factor": 2.0}, max_position_embeddings=16)
+    ref, got, _, _ = _one_step(llm, n=20)                              # past max_position_embeddings: rescaled
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_a_wrapped_projection_runs_its_own_forward():
+    """A projection that is not a plain nn.Linear (an unmerged adapter, say) is called, not bypassed."""
+    class Shifted(torch.nn.Linear):
+        def forward(self, x):
+            return super().forward(x) + 0.5
+
+    llm = _llama()
+    old = llm.model.layers[0].mlp.up_proj
+    new = Shifted(old.in_features, old.out_features, bias=False)
+    new.weight = old.weight
+    llm.model.layers[0].mlp.up_proj = new
+    ref, got, _, _ = _one_step(llm)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    llm.model.layers[0].mlp.up_proj = old
+    plain, _, _, _ = _one_step(llm)
+    assert not torch.allclose(plain, ref)                              # the shift mattered
+
+
 def test_a_masked_position_is_not_attended():
     """Masking a cached position changes the logits exactly as the library's forward does."""
     torch.manual_seed(1)

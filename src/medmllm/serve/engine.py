@@ -132,17 +132,23 @@ class Engine:
     prompt + max_tokens ceiling (default: the LLM's ``max_position_embeddings``). ``decode_process``:
     decode in a child process (see module doc); needs a CPU model loaded with :meth:`from_pretrained`
     (the child loads the same folder, ``source``) whose KV cache can be merged (not Gemma 3's sliding window).
+    ``prepare_concurrency``: how many requests :meth:`prepare` works on at once (files, template, encoders and,
+    with ``decode_process``, prefill); the others wait their turn. 1 (the default) is fastest on a few cores:
+    request threads running the model side by side fight over the cores and the interpreter lock (at 8
+    clients on 2 cores, 1 gave 1.2x the tokens/s of 8: ``python bench/serve_load.py --prepare-concurrency N``).
     """
 
     def __init__(self, model, tokenizer, *, model_id: str = "medmllm", shapes=None, max_batch: int = 8,
                  queue_size: int = 64, batch_window_ms: float = 5.0, max_context: int | None = None,
-                 default_max_tokens: int = 256, decode_process: bool = False, source: str | Path | None = None):
+                 default_max_tokens: int = 256, decode_process: bool = False, source: str | Path | None = None,
+                 prepare_concurrency: int = 1):
         from medmllm.data.collate import MultimodalCollator
         from medmllm.data.dataset import PartLoader
         from medmllm.model.inspect import modality_shapes_for
 
-        if max_batch < 1 or queue_size < 1:
-            raise ServeError(500, "max_batch and queue_size must be >= 1", "bad_config")
+        if max_batch < 1 or queue_size < 1 or prepare_concurrency < 1:
+            raise ServeError(500, f"max_batch, queue_size and prepare_concurrency must be >= 1, got {max_batch}, "
+                                  f"{queue_size} and {prepare_concurrency}", "bad_config")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.model_id = model_id
@@ -154,6 +160,8 @@ class Engine:
         self.loader = PartLoader(self.shapes)
         self._prep_collator = MultimodalCollator(tokenizer, _BIG, model.num_tokens, train=False)
         self._prep_lock = threading.Lock()  # fast tokenizers must not be used by two threads at once
+        self.prepare_concurrency = int(prepare_concurrency)
+        self._prepare_slots = threading.Semaphore(self.prepare_concurrency)   # requests in prepare at once
         self._worker_tokenizer = copy.deepcopy(tokenizer)
         self._collator = MultimodalCollator(self._worker_tokenizer, _BIG, model.num_tokens, train=False)
         self._queue: queue.Queue[Handle | None] = queue.Queue(maxsize=self.queue_size)
@@ -445,7 +453,10 @@ class Engine:
         and checks prompt + ``max_tokens`` against ``max_context``. ``media_params`` names each media
         part's request field for error messages. Raises ServeError (422).
         """
-        media_params = list(media_params or [])
+        with self._prepare_slots:
+            return self._prepare(messages, params, list(media_params or []))
+
+    def _prepare(self, messages: Sequence[dict], params: SamplingParams, media_params: list[str]) -> Prepared:
         rid = f"req-{next(self._ids)}"
         content, mods = self._load(messages, media_params)
         record = {"id": rid, "stage": "instruction", "meta": {"dataset": "serve", "split": "test"},

@@ -1,12 +1,20 @@
 """One decode step of a Llama-family LLM written out: the serving loop's token-per-row forward pass.
 
-``transformers``' forward of a ``LlamaForCausalLM`` for one new token per row spends part of its time
-outside the arithmetic: building the attention mask, routing keyword arguments, dataclass outputs (on
-2 CPU cores the decode loop runs 1.17x faster without them at 1 row, 1.09x at 8: ``python
-bench/decode_step.py``). :func:`decode_step` runs the same modules (embedding, norms,
-projections, MLP, head: their weights, biases and LoRA merges as they are) and the model's own rotary
-embedding, and calls the cache's ``update`` as the attention layer does, so its logits match the
-library's forward (tested); it leaves out what a decode step does not need.
+``transformers``' forward of a ``LlamaForCausalLM`` for one new token per row spends much of its time
+outside the arithmetic: building the attention mask, routing keyword arguments, dataclass outputs, module
+calls, the rotary embedding recomputed every step, RMSNorm as six operators. :func:`decode_step` runs the
+same weights with the same formulas and fewer calls:
+
+* projections through ``F.linear`` on each ``nn.Linear``'s own weight and bias (read every step, so LoRA
+  merges and loaded weights are seen; a module that is not a plain ``nn.Linear``, such as an unmerged
+  adapter, is called as it is);
+* RMSNorm (fp32 models) as the single ``F.rms_norm`` operator, which gives the library's values bit for bit;
+* rotary cos/sin looked up in a table made once by the model's own rotary embedding (for the rope types whose
+  frequencies do not depend on the sequence: default, linear, llama3; the others are recomputed per step);
+* the cache's ``update`` called as the attention layer calls it.
+
+Its logits and cache match the library's forward (tested, bit for bit in fp32 on the bench model).
+``python bench/decode_step.py`` measures it against the library's forward.
 
 Only plain architectures are taken (:func:`supports`): ``LlamaForCausalLM`` and ``Qwen2ForCausalLM``
 with full attention in every layer and a SiLU MLP. Anything else keeps the library's forward.
@@ -14,10 +22,15 @@ with full attention in every layer and a SiLU MLP. Anything else keeps the libra
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 
 _CLASSES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
+_NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm")                 # weight * (x * rsqrt(mean(x^2) + eps)), fp32 inside
+_STATIC_ROPE = ("default", "linear", "llama3")            # inv_freq fixed at construction: a table is exact
+_tables: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
 def supports(llm) -> bool:
@@ -31,6 +44,37 @@ def supports(llm) -> bool:
             and all(t == "full_attention" for t in layer_types))
 
 
+def _linear(module, x: torch.Tensor) -> torch.Tensor:
+    if type(module) is torch.nn.Linear:
+        return F.linear(x, module.weight, module.bias)
+    return module(x)                                      # an adapter or another wrapper: its own forward
+
+
+def _norm(module, x: torch.Tensor) -> torch.Tensor:
+    if x.dtype == torch.float32 and type(module).__name__ in _NORMS:
+        return F.rms_norm(x, module.weight.shape, module.weight, module.variance_epsilon)
+    return module(x)
+
+
+def _rotary(rotary, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin ``[B, 1, d]`` for ``positions [B, 1]``, as ``rotary(x, positions)`` gives them."""
+    if getattr(rotary, "rope_type", None) not in _STATIC_ROPE:
+        return rotary(x, positions)
+    need = int(positions.max()) + 1
+    table = _tables.get(rotary)
+    if table is None or table[0] is not rotary.inv_freq or table[1].shape[0] < need or table[1].dtype != x.dtype:
+        size = max(256, 1 << (need - 1).bit_length())
+        cos, sin = rotary(x, torch.arange(size, device=x.device)[None])       # [1, size, d] each
+        table = (rotary.inv_freq, cos[0], sin[0])
+        _tables[rotary] = table
+    return table[1][positions], table[2][positions]                           # [B, 1, d] each
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
 @torch.inference_mode()
 def decode_step(llm, ids: torch.Tensor, positions: torch.Tensor, attention: torch.Tensor | None,
                 cache) -> torch.Tensor:
@@ -40,26 +84,30 @@ def decode_step(llm, ids: torch.Tensor, positions: torch.Tensor, attention: torc
     new position included) or None when no position is masked; ``cache`` a ``DynamicCache`` holding ``L``
     positions per layer, which grows by one (through each layer's ``update``).
     """
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
     core = llm.model
     b = ids.shape[0]
-    x = core.embed_tokens(ids[:, None])                                         # [B, 1, H]
-    cos, sin = core.rotary_emb(x, positions)                                    # [B, 1, d] each
+    x = F.embedding(ids, core.embed_tokens.weight)[:, None]                     # [B, 1, H]
+    cos, sin = _rotary(core.rotary_emb, x, positions)                           # [B, 1, d] each
+    cos, sin = cos[:, None], sin[:, None]                                       # [B, 1, 1, d]
     mask = None if attention is None else attention.bool()[:, None, None, :]    # [B, 1, 1, L+1]
     for i, layer in enumerate(core.layers):
-        attn = layer.self_attn
-        h = layer.input_layernorm(x)                                            # [B, 1, H]
-        q = attn.q_proj(h).view(b, 1, -1, attn.head_dim).transpose(1, 2)        # [B, heads, 1, d]
-        k = attn.k_proj(h).view(b, 1, -1, attn.head_dim).transpose(1, 2)        # [B, kv_heads, 1, d]
-        v = attn.v_proj(h).view(b, 1, -1, attn.head_dim).transpose(1, 2)        # [B, kv_heads, 1, d]
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        attn, mlp = layer.self_attn, layer.mlp
+        h = _norm(layer.input_layernorm, x)                                     # [B, 1, H]
+        q = _linear(attn.q_proj, h).view(b, 1, -1, attn.head_dim).transpose(1, 2)   # [B, heads, 1, d]
+        k = _linear(attn.k_proj, h).view(b, 1, -1, attn.head_dim).transpose(1, 2)   # [B, kv_heads, 1, d]
+        v = _linear(attn.v_proj, h).view(b, 1, -1, attn.head_dim).transpose(1, 2)   # [B, kv_heads, 1, d]
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
         keys, values = cache.layers[i].update(k, v)                             # [B, kv_heads, L+1, d]
         o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling,
                                            enable_gqa=keys.shape[1] != q.shape[1])  # [B, heads, 1, d]
-        x = x + attn.o_proj(o.transpose(1, 2).reshape(b, 1, -1))                # [B, 1, H]
-        x = x + layer.mlp(layer.post_attention_layernorm(x))                    # [B, 1, H]
-    return llm.lm_head(core.norm(x))[:, -1]                                     # [B, V]
+        x = x + _linear(attn.o_proj, o.transpose(1, 2).reshape(b, 1, -1))       # [B, 1, H]
+        h = _norm(layer.post_attention_layernorm, x)
+        if type(mlp).__name__ in ("LlamaMLP", "Qwen2MLP"):                      # down(silu(gate(h)) * up(h))
+            x = x + _linear(mlp.down_proj, F.silu(_linear(mlp.gate_proj, h)) * _linear(mlp.up_proj, h))
+        else:
+            x = x + mlp(h)
+    return _linear(llm.lm_head, _norm(core.norm, x))[:, -1]                     # [B, V]
 
 
 __all__ = ["decode_step", "supports"]
