@@ -142,3 +142,81 @@ def test_merge_pads_shorter_caches_on_the_left_and_drops_the_mask_when_none_is_n
     keys = mixed.cache.layers[0].keys                                   # [3, 2, 5, 4]
     assert torch.equal(keys[0, :, :2], torch.zeros(2, 2, 4)) and torch.equal(keys[0, :, 2:], torch.ones(2, 3, 4))
     assert torch.equal(keys[2, :, 3:], torch.full((2, 2, 4), 3.0))
+
+
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    llm = LlamaForCausalLM(LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128))
+    with torch.no_grad():                             # larger weights than the init: sharp attention, so a
+        for p in llm.parameters():                    # misplaced cache entry moves the logits visibly
+            if p.ndim == 2:
+                p.normal_(0.0, 0.3)
+    return llm.eval()
+
+
+def _alone(llm, prompt: torch.Tensor, name: str):
+    """A one-row state after ``prompt`` (as the server prefills a request), its row named ``name``."""
+    from medmllm.serve.decode import DecodeState, Row, RowParams, _grow_in_place
+
+    with torch.inference_mode():
+        out = llm(input_ids=prompt[None], use_cache=True)
+    _grow_in_place(out.past_key_values)
+    row = Row(RowParams(100), lambda ids: "")
+    row.name = name
+    n = prompt.shape[0]
+    return DecodeState(out.past_key_values, out.logits[:, -1].float(), None, torch.tensor([[n]]), [row], n)
+
+
+def test_rows_join_and_leave_in_place_and_each_row_decodes_as_alone():
+    """Continuous batching on GrowingLayer buffers: a shorter prompt joins into a spare row, a row leaves by
+    the last row taking its place, the masked lead is dropped by moving the view; no step, join or leave
+    copies the cache to new buffers, and every row's logits are the ones it gets decoding alone."""
+    import types
+
+    from medmllm.serve.decode import _step, merge, step_rows
+
+    llm = _tiny_llama()
+    model = types.SimpleNamespace(llm=llm)
+    g = torch.Generator().manual_seed(1)
+    prompts = {name: torch.randint(0, 61, (n,), generator=g) for name, n in (("a", 7), ("b", 11), ("c", 5))}
+
+    ref: dict[str, list[torch.Tensor]] = {}                       # each row decoding alone, greedy
+    for name, prompt in prompts.items():
+        st = _alone(llm, prompt, name)
+        ref[name] = [st.logits[0]]
+        for _ in range(12):
+            _step(model, st, st.logits.argmax(-1))
+            ref[name].append(st.logits[0])
+
+    seen = {name: 0 for name in prompts}
+
+    def check_and_step(st, keep=None):
+        tok = st.logits.argmax(-1)
+        for k, row in enumerate(st.rows):
+            torch.testing.assert_close(st.logits[k], ref[row.name][seen[row.name]], atol=1e-5, rtol=1e-4)
+            seen[row.name] += 1
+        step_rows(model, st, tok, keep if keep is not None else list(range(len(st.rows))))
+
+    st = merge([_alone(llm, prompts["a"], "a"), _alone(llm, prompts["b"], "b")])   # generic: cat, a padded
+    check_and_step(st)                                            # the first step makes the buffers
+    buffers = [x._kbuf.data_ptr() for x in st.cache.layers]
+    for _ in range(3):
+        check_and_step(st)
+    st = merge([st, _alone(llm, prompts["c"], "c")])              # c joins into a spare row
+    assert [r.name for r in st.rows] == ["a", "b", "c"] and st.attention is not None
+    check_and_step(st)
+    tok = st.logits.argmax(-1)
+    for k, row in enumerate(st.rows):                             # b leaves now: c takes its row
+        torch.testing.assert_close(st.logits[k], ref[row.name][seen[row.name]], atol=1e-5, rtol=1e-4)
+        seen[row.name] += 1
+    length = st.length
+    step_rows(model, st, tok, [0, 2])                             # and the 4 positions a and c mask are dropped
+    assert [r.name for r in st.rows] == ["a", "c"]
+    assert st.length == length + 1 - 4 and all(x.start() == 4 for x in st.cache.layers)
+    for _ in range(4):
+        check_and_step(st)
+    assert [x._kbuf.data_ptr() for x in st.cache.layers] == buffers   # the same buffers all along
+    assert seen == {"a": 10, "b": 6, "c": 6}

@@ -192,10 +192,27 @@ def _step(model, st: DecodeState, tok: torch.Tensor) -> None:
     st.logits, st.next_pos, st.length = logits.float(), st.next_pos + 1, st.length + 1
 
 
+@torch.inference_mode()
 def _select(st: DecodeState, keep: list[int], tok: torch.Tensor) -> torch.Tensor:
-    """Keep only rows ``keep`` (cache included); returns their tokens."""
+    """Keep only rows ``keep`` (cache included); returns their tokens. With :class:`GrowingLayer` buffers each
+    row that leaves is overwritten by a kept row from the end (one row copied, not the cache), so the rows'
+    order changes: ``st.rows``, positions, mask and the returned tokens follow it."""
+    starts = _starts(st.cache)
+    if starts is not None:
+        kept, n = set(keep), len(keep)
+        tail = iter(k for k in keep if k >= n)
+        order = [r if r in kept else next(tail) for r in range(n)]           # new row r <- old row order[r]
+        for layer, s in zip(st.cache.layers, starts):
+            length = layer.keys.shape[2]
+            for dst, src in enumerate(order):
+                if dst != src:
+                    layer._kbuf[dst, :, s: s + length] = layer._kbuf[src, :, s: s + length]
+                    layer._vbuf[dst, :, s: s + length] = layer._vbuf[src, :, s: s + length]
+            layer.keys, layer.values = layer._kbuf[:n, :, s: s + length], layer._vbuf[:n, :, s: s + length]
+        keep = order
     idx = torch.tensor(keep, device=st.next_pos.device)
-    st.cache.batch_select_indices(idx)
+    if starts is None:
+        st.cache.batch_select_indices(idx)
     st.next_pos = st.next_pos[idx]
     st.attention = st.attention[idx] if st.attention is not None else None
     st.rows = [st.rows[k] for k in keep]
@@ -219,13 +236,22 @@ def _trim(st: DecodeState) -> None:
 
 
 class GrowingLayer(DynamicLayer):
-    """A ``DynamicLayer`` that appends in place: its ``keys``/``values`` ``[B, heads, L, dim]`` are views of
-    buffers with spare positions, so a decode step writes its one new position instead of copying the whole
-    cache (``DynamicLayer.update`` concatenates: O(L) per step and layer). Whatever assigns ``keys``/``values``
-    directly (batch selection, :func:`_trim`, :func:`merge`) is honoured: the next update sees that they are
-    no longer its buffers' views and copies them into new buffers once."""
+    """A ``DynamicLayer`` whose ``keys``/``values`` ``[B, heads, L, dim]`` are views of buffers
+    ``[rows, heads, positions, dim]`` with spare rows and positions, so the running batch changes without
+    copying its whole cache (``DynamicLayer`` concatenates: O(B x L) per step, per join and per leave):
+
+    * a decode step writes its one new position (:meth:`update`);
+    * a row that joins is written into a spare row (:func:`merge`), one that leaves is replaced by the
+      last row (:func:`_select`), and positions every row masks are dropped by moving the view's start
+      (:func:`_trim`).
+
+    Positions outside a row's own tokens hold what was there before (zeros or an earlier row's finite
+    states); the attention mask covers them. Whatever assigns ``keys``/``values`` to tensors that are not
+    views of the buffers (``DynamicLayer.batch_select_indices``, the generic :func:`merge`) is honoured:
+    the next update copies them into new buffers once."""
 
     spare = 64                  # free positions added when the buffers are (re)made (at least a quarter more)
+    spare_rows = 4              # free rows added then, for requests that join
     _kbuf: torch.Tensor | None = None
     _vbuf: torch.Tensor | None = None
 
@@ -236,27 +262,54 @@ class GrowingLayer(DynamicLayer):
         new.__dict__.update({k: v for k, v in layer.__dict__.items() if k not in ("_kbuf", "_vbuf")})
         return new
 
-    def _owns(self, needed: int) -> bool:
-        kb = self._kbuf
-        return (kb is not None and self.keys.data_ptr() == kb.data_ptr() and self.keys.shape[:2] == kb.shape[:2]
-                and self.keys.stride() == kb.stride() and needed <= kb.shape[2])
+    def start(self) -> int | None:
+        """Where ``keys``/``values`` begin on the buffers' position axis, when they are views of the buffers
+        that start at row 0; None otherwise (nothing buffered, or reassigned from outside)."""
+        kb, vb, k, v = self._kbuf, self._vbuf, self.keys, self.values
+        if kb is None or k.dim() != 4 or k.shape[0] > kb.shape[0] or k.shape[1:2] != kb.shape[1:2] \
+                or k.stride() != kb.stride() or v.stride() != vb.stride() \
+                or k.untyped_storage().data_ptr() != kb.untyped_storage().data_ptr() \
+                or v.untyped_storage().data_ptr() != vb.untyped_storage().data_ptr():
+            return None
+        s, rest = divmod(k.storage_offset() - kb.storage_offset(), kb.stride(2))
+        if rest or not 0 <= s <= kb.shape[2] - k.shape[2] or \
+                v.storage_offset() - vb.storage_offset() != s * vb.stride(2):
+            return None
+        return s
+
+    def rebuffer(self, positions: int) -> None:
+        """Copy ``keys``/``values`` into new zeroed buffers with room for ``positions`` more positions (at least
+        ``spare``) and ``spare_rows`` more rows."""
+        b, h, n, d = self.keys.shape
+        cap = n + max(self.spare, positions, (n + positions) // 4)
+        kb = self.keys.new_zeros(b + self.spare_rows, h, cap, d)
+        vb = self.values.new_zeros(b + self.spare_rows, h, cap, self.values.shape[-1])
+        kb[:b, :, :n], vb[:b, :, :n] = self.keys, self.values
+        self._kbuf, self._vbuf = kb, vb
+        self.keys, self.values = kb[:b, :, :n], vb[:b, :, :n]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        n = self.keys.shape[-2] if self.keys.dim() == 4 else 0
-        end = n + key_states.shape[-2]
-        if not self._owns(end):
-            b, h, _, d = key_states.shape
-            cap = end + max(self.spare, end // 4)
-            kb, vb = key_states.new_empty(b, h, cap, d), value_states.new_empty(b, h, cap, value_states.shape[-1])
-            if n:
-                kb[:, :, :n], vb[:, :, :n] = self.keys, self.values
-            self._kbuf, self._vbuf = kb, vb
-        self._kbuf[:, :, n:end] = key_states
-        self._vbuf[:, :, n:end] = value_states
-        self.keys, self.values = self._kbuf[:, :, :end], self._vbuf[:, :, :end]
+        t = key_states.shape[-2]
+        if self.keys.dim() != 4:                                   # nothing cached yet
+            self.keys, self.values = key_states[:, :, :0], value_states[:, :, :0]
+        s = self.start()
+        if s is None or s + self.keys.shape[2] + t > self._kbuf.shape[2] or self.keys.shape[0] != key_states.shape[0]:
+            self.rebuffer(t)
+            s = 0
+        n, b = self.keys.shape[2], key_states.shape[0]
+        self._kbuf[:b, :, s + n: s + n + t] = key_states
+        self._vbuf[:b, :, s + n: s + n + t] = value_states
+        self.keys, self.values = self._kbuf[:b, :, s: s + n + t], self._vbuf[:b, :, s: s + n + t]
         return self.keys, self.values
+
+
+def _starts(cache) -> list[int] | None:
+    """Each layer's :meth:`GrowingLayer.start` when every layer is a GrowingLayer viewing its buffers."""
+    layers = getattr(cache, "layers", None) or []
+    starts = [x.start() if type(x) is GrowingLayer else None for x in layers]
+    return starts if layers and None not in starts else None
 
 
 def mergeable(cache) -> bool:
@@ -291,9 +344,10 @@ def merge(states: Sequence[DecodeState]) -> DecodeState:
     if len(states) == 1:
         return states[0]
     length = max(st.length for st in states)
-    for layers in zip(*(st.cache.layers for st in states)):                     # keys/values [B, h, L, d]
-        layers[0].keys = torch.cat([_pad_left(x.keys, length, 2) for x in layers], dim=0)
-        layers[0].values = torch.cat([_pad_left(x.values, length, 2) for x in layers], dim=0)
+    if not _merge_in_place(states, length):
+        for layers in zip(*(st.cache.layers for st in states)):                 # keys/values [B, h, L, d]
+            layers[0].keys = torch.cat([_pad_left(x.keys, length, 2) for x in layers], dim=0)
+            layers[0].values = torch.cat([_pad_left(x.values, length, 2) for x in layers], dim=0)
 
     def mask(st: DecodeState) -> torch.Tensor:
         att = st.attention if st.attention is not None else torch.ones(
@@ -304,6 +358,30 @@ def merge(states: Sequence[DecodeState]) -> DecodeState:
     return DecodeState(states[0].cache, torch.cat([st.logits for st in states]),
                        None if bool(attention.all()) else attention,                # no padding: no mask
                        torch.cat([st.next_pos for st in states]), [r for st in states for r in st.rows], length)
+
+
+@torch.inference_mode()
+def _merge_in_place(states: Sequence[DecodeState], length: int) -> bool:
+    """Write the rows of ``states[1:]`` into the spare rows of ``states[0]``'s :class:`GrowingLayer` buffers,
+    right-aligned at ``length`` (the running rows' view starts earlier when a joining prompt is longer);
+    False, changing nothing, when the buffers lack the rows or positions."""
+    first = states[0]
+    starts = _starts(first.cache)
+    extra = length - first.length                                  # positions the running rows gain on the left
+    rows = len(first.rows) + sum(st.logits.shape[0] for st in states[1:])
+    if starts is None or any(s < extra or x._kbuf.shape[0] < rows for s, x in zip(starts, first.cache.layers)):
+        return False
+    for i, (layer, s) in enumerate(zip(first.cache.layers, starts)):
+        s -= extra
+        b = len(first.rows)
+        for st in states[1:]:
+            x = st.cache.layers[i]                                       # [r, h, n, d]
+            r, n = x.keys.shape[0], x.keys.shape[2]
+            layer._kbuf[b: b + r, :, s + length - n: s + length] = x.keys
+            layer._vbuf[b: b + r, :, s + length - n: s + length] = x.values
+            b += r
+        layer.keys, layer.values = layer._kbuf[:b, :, s: s + length], layer._vbuf[:b, :, s: s + length]
+    return True
 
 
 def push_tokens(st: DecodeState, eos: set[int]) -> tuple[torch.Tensor, list[int]]:
