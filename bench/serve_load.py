@@ -34,10 +34,12 @@ the level's ratios are against those two halves together:
 ``ratio`` = the level's server tokens/s / its bracketing baseline tokens/s, one per baseline.
 
     python bench/serve_load.py [--model llava|small] [--duration 20] [--clients 1,8,32] [--max-tokens 32]
-                               [--threads 1] [--decode-process] [--prepare-concurrency 1]
+                               [--threads 1] [--[no-]decode-process] [--prepare-concurrency 1]
 
-``--decode-process``: the server is ``Engine(decode_process=True)`` (``medmllm serve --decode-process``): decode
-steps in a child process, prompts prefilled on the request threads.
+``--decode-process`` / ``--no-decode-process``: the server is ``Engine(decode_process=True / False)``; by default
+``"auto"``, as ``medmllm serve``: decode steps in a child process (prompts prefilled where requests are prepared)
+for the CPU Llama models benchmarked here. ``--prepare-concurrency N``: requests the server prepares at once
+(default 1, as ``medmllm serve``).
 
 Results -> bench/results/serve_load.json. One torch thread by default (see
 bench/generation_throughput.py: on a shared 2-core machine two OpenMP threads compete badly).
@@ -120,7 +122,7 @@ def phantom_png() -> bytes:
 # ----------------------------------------------------------------------------- server (child process)
 
 def _serve(model_dir: str, model_id: str, threads: int, max_batch: int, queue_size: int, port_box,
-           decode_process: bool = False, prepare_concurrency: int = 1) -> None:
+           decode_process: bool | str = False, prepare_concurrency: int = 1) -> None:
     import torch
     import uvicorn
 
@@ -311,8 +313,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--decode-process", action=argparse.BooleanOptionalAction, default=False,
-                    help="the server decodes in a child process, prompts prefilled on the request threads")
+    ap.add_argument("--decode-process", action=argparse.BooleanOptionalAction, default=None,
+                    help="the server decodes in a child process (default: where it can, as medmllm serve)")
     ap.add_argument("--prepare-concurrency", type=int, default=1,
                     help="requests the server prepares (loads, encodes, prefills) at the same time")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "serve_load.json")
@@ -339,7 +341,8 @@ def main() -> None:
         ctx = mp.get_context("spawn")
         port_box = ctx.Queue()
         proc = ctx.Process(target=_serve, args=(str(model_dir), args.model, args.threads, args.max_batch,
-                                                4 * max(levels), port_box, args.decode_process,
+                                                4 * max(levels), port_box,
+                                                "auto" if args.decode_process is None else args.decode_process,
                                                 args.prepare_concurrency), daemon=True)
         proc.start()
         try:
@@ -368,7 +371,8 @@ def main() -> None:
               "model": {"kind": args.model, "params": params, "untrained": True, "end_of_turn_logits": "pinned at 0",
                         "request": f"one 128 px PNG data URL + a question, max_tokens {args.max_tokens}, greedy"},
               "server": {"max_batch": args.max_batch, "queue_size": 4 * max(levels), "batch_window_ms": 5.0,
-                         "decode_process": args.decode_process, "prepare_concurrency": args.prepare_concurrency},
+                         "decode_process": "auto" if args.decode_process is None else args.decode_process,
+                         "prepare_concurrency": args.prepare_concurrency},
               "duration_s": args.duration, "results": results,
               "env": {"torch": torch.__version__, "threads": args.threads, "python": platform.python_version(),
                       "cpus": os.cpu_count(), "loadavg_before": [round(x, 2) for x in load_before],

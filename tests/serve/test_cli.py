@@ -32,8 +32,7 @@ def test_serve_builds_the_app_and_runs_uvicorn(model_dir, monkeypatch):
     monkeypatch.setenv(cli.KEYS_ENV, "k2,k3")
     result = runner.invoke(cli.app, ["serve", "--model", str(model_dir), "--api-key", "k1", "--port", "8123",
                                      "--max-body-mb", "2", "--cors-origin", "http://localhost:3000",
-                                     "--model-id", "my-model", "--decode-process",
-                                     "--prepare-concurrency", "3"])
+                                     "--model-id", "my-model", "--prepare-concurrency", "3"])
     assert result.exit_code == 0, result.output
     assert (seen["host"], seen["port"]) == ("127.0.0.1", 8123)
     mw = {m.cls: m.kwargs for m in seen["app"].user_middleware}
@@ -41,9 +40,12 @@ def test_serve_builds_the_app_and_runs_uvicorn(model_dir, monkeypatch):
     assert mw[BodyLimit]["max_bytes"] == 2 << 20
     assert any(m.cls.__name__ == "CORSMiddleware" for m in seen["app"].user_middleware)
     assert seen["app"].state.engine.model_id == "my-model"
-    assert seen["app"].state.engine.decode_process           # started with the app, not here
+    assert seen["app"].state.engine.decode_process           # by default where it can; started with the app
     assert seen["app"].state.engine.prepare_concurrency == 3
     seen["app"].state.engine.close()
+    result = runner.invoke(cli.app, ["serve", "--model", str(model_dir), "--no-decode-process"])
+    assert result.exit_code == 0, result.output
+    assert not seen["app"].state.engine.decode_process
 
 
 def test_without_a_model_the_message_says_how_to_get_one(tmp_path, monkeypatch):

@@ -167,3 +167,15 @@ def test_a_broken_state_fails_its_request_and_the_child_goes_on(split_engine, im
     assert isinstance(ev, Failed) and ev.error.status == 500 and ev.error.code == "internal_error"
     assert split_engine.alive
     assert split_engine.complete(_msg("Findings?", image), SamplingParams(max_tokens=3)).completion_tokens == 3
+
+
+def test_auto_decodes_in_a_child_where_it_can_and_here_where_it_cannot(model_dir, shapes):
+    from medmllm.model.builders import tiny
+
+    assert Engine.from_pretrained(model_dir, shapes=shapes, decode_process="auto").decode_process
+    model, tok = tiny("llama", seed=0)
+    assert not Engine(model, tok, shapes=shapes, decode_process="auto").decode_process          # no folder
+    gemma, gtok = tiny("gemma", seed=0)
+    assert not Engine(gemma, gtok, shapes=shapes, decode_process="auto", source=model_dir).decode_process
+    with pytest.raises(ServeError, match="expected True, False or 'auto', got 'yes'"):
+        Engine(model, tok, shapes=shapes, decode_process="yes")

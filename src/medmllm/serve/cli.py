@@ -124,7 +124,7 @@ def serve_cmd(
     access_log: Optional[Path] = typer.Option(None, "--access-log", help="JSON-lines access log file (default: stderr)."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch CPU threads."),
     model_id: Optional[str] = typer.Option(None, "--model-id", help="The name clients pass as `model` (default: from the folder)."),
-    decode_process: bool = typer.Option(False, "--decode-process/--no-decode-process", help="CPU: decode in a child process, prompts prefilled on the request threads (no shared interpreter lock)."),
+    decode_process: Optional[bool] = typer.Option(None, "--decode-process/--no-decode-process", help="Decode in a child process, prompts prefilled where requests are prepared (no shared interpreter lock). Default: where possible (a CPU model whose KV cache rows can be merged)."),
     prepare_concurrency: int = typer.Option(1, "--prepare-concurrency", min=1, help="Requests loaded, encoded and prefilled at the same time (1: one after another, fastest on few cores)."),
 ) -> None:
     """Serve a model over an OpenAI-compatible API (POST /v1/chat/completions), with a web page at /."""
@@ -146,7 +146,8 @@ def serve_cmd(
             torch.set_num_threads(threads)
         extra = {"model_id": model_id} if model_id else {}
         engine = Engine.from_pretrained(path, max_batch=max_batch, queue_size=queue_size,
-                                        batch_window_ms=batch_window_ms, decode_process=decode_process,
+                                        batch_window_ms=batch_window_ms,
+                                        decode_process="auto" if decode_process is None else decode_process,
                                         prepare_concurrency=prepare_concurrency, **extra)
     except (MedmllmError, ServeError) as exc:
         _fail(str(exc))

@@ -131,7 +131,8 @@ class Engine:
     what the model fixes, :func:`medmllm.model.inspect.modality_shapes_for`). ``max_context``:
     prompt + max_tokens ceiling (default: the LLM's ``max_position_embeddings``). ``decode_process``:
     decode in a child process (see module doc); needs a CPU model loaded with :meth:`from_pretrained`
-    (the child loads the same folder, ``source``) whose KV cache can be merged (not Gemma 3's sliding window).
+    (the child loads the same folder, ``source``) whose KV cache can be merged (not Gemma 3's sliding window);
+    ``"auto"``: in a child process where that is possible, else in this one (``medmllm serve``'s default).
     ``prepare_concurrency``: how many requests :meth:`prepare` works on at once (files, template, encoders and,
     with ``decode_process``, prefill); the others wait their turn. 1 (the default) is fastest on a few cores:
     request threads running the model side by side fight over the cores and the interpreter lock (at 8
@@ -140,7 +141,7 @@ class Engine:
 
     def __init__(self, model, tokenizer, *, model_id: str = "medmllm", shapes=None, max_batch: int = 8,
                  queue_size: int = 64, batch_window_ms: float = 5.0, max_context: int | None = None,
-                 default_max_tokens: int = 256, decode_process: bool = False, source: str | Path | None = None,
+                 default_max_tokens: int = 256, decode_process: bool | str = False, source: str | Path | None = None,
                  prepare_concurrency: int = 1):
         from medmllm.data.collate import MultimodalCollator
         from medmllm.data.dataset import PartLoader
@@ -172,11 +173,21 @@ class Engine:
         self.stats = {"batches": 0, "requests": 0, "forward_passes": 0, "largest_batch": 0,
                       "joined_running_batch": 0, "decode_steps": 0, "row_steps": 0,
                       "longest_cache": 0}
-        self.decode_process, self.source = bool(decode_process), source
+        if decode_process not in (True, False, "auto"):
+            raise ServeError(500, f"decode_process: expected True, False or 'auto', got {decode_process!r}",
+                             "bad_config")
+        self.source = source
         self._proc = None                                  # the DecodeProcess, once started
         self._handles: dict[str, Handle] = {}              # decode_process: submitted, not yet ended
         self._handles_lock = threading.Lock()
-        if self.decode_process:
+        self.decode_process = decode_process is True
+        if decode_process == "auto":
+            try:
+                self._check_decode_process()
+                self.decode_process = True
+            except ServeError as exc:
+                log.info("decoding in this process: %s", exc.message)
+        elif self.decode_process:
             self._check_decode_process()
 
     # ------------------------------------------------------------------ construction
