@@ -80,6 +80,24 @@ def test_without_padding_the_step_is_the_library_bit_for_bit(build):
                for a, b in zip(cache.layers, ref_cache.layers))
 
 
+@pytest.mark.parametrize("build", [_llama, _qwen2], ids=["llama", "qwen2"])
+def test_prefill_is_the_library_forward_bit_for_bit(build):
+    """Unpadded prompts from embeddings: the library's last-position logits and the same cache, bit for bit."""
+    from transformers.cache_utils import DynamicCache
+
+    torch.manual_seed(0)
+    llm = build()
+    embeds = torch.randn(2, 13, 64)
+    positions = torch.arange(13)[None].expand(2, -1)
+    with torch.inference_mode():
+        out = llm(inputs_embeds=embeds, position_ids=positions, use_cache=True, logits_to_keep=1)
+        cache = DynamicCache(config=llm.config)
+        got = llama_step.prefill(llm, embeds, positions, cache)
+    assert torch.equal(got, out.logits[:, -1])
+    assert all(torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+               for a, b in zip(cache.layers, out.past_key_values.layers))
+
+
 def test_positions_past_the_first_rotary_table_grow_it():
     """The rotary table starts at 256 positions; a row at position 300 gets the library's values."""
     ref, got, _, _ = _one_step(_llama(max_position_embeddings=512), b=1, n=300)

