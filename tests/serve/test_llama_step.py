@@ -149,3 +149,33 @@ def test_other_architectures_keep_the_library_forward():
     assert not llama_step.supports(_llama(hidden_act="gelu"))
     assert not llama_step.supports(_qwen2(use_sliding_window=True, sliding_window=4, max_window_layers=0))
     assert not llama_step.supports(torch.nn.Linear(2, 2))
+
+
+def test_packed_weights_give_the_library_logits_and_a_changed_weight_is_used_as_it_is():
+    """oneDNN-packed projections: the library's logits up to float rounding; a weight changed in place after
+    packing is used unpacked (the stale copy would move the logits by far more than the tolerance)."""
+    llm = _llama()
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("no oneDNN in this torch build")
+    n_linear = sum(type(m) is torch.nn.Linear for m in llm.modules())
+    assert llama_step.pack_weights(llm) == n_linear
+    ref, got, _, _ = _one_step(llm)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    embeds, positions = torch.randn(1, 7, 64), torch.arange(7)[None]
+    from transformers.cache_utils import DynamicCache
+
+    with torch.inference_mode():
+        want = llm(inputs_embeds=embeds, position_ids=positions, logits_to_keep=1).logits[:, -1]
+        torch.testing.assert_close(llama_step.prefill(llm, embeds, positions, DynamicCache(config=llm.config)), want,
+                                   atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        llm.model.layers[0].mlp.up_proj.weight.mul_(3.0)
+    ref, got, _, _ = _one_step(llm)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_nothing_is_packed_over_the_memory_budget():
+    llm = _llama()
+    assert llama_step.pack_weights(llm, max_bytes=0) == 0
+    ref, got, _, _ = _one_step(llm)
+    assert torch.equal(got, ref)                                       # F.linear: bit for bit

@@ -39,6 +39,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from medmllm.serve import llama_step
 from medmllm.serve.decode import (DecodeState, Row, RowParams, _grow_in_place, merge, push_tokens, seed_rows,
                                   step_rows)
 
@@ -197,6 +198,7 @@ def _child_main(model_dir: str, capacity: int, threads: int, fd: int) -> None:
         from medmllm.model.mllm import MedMLLM
 
         model = MedMLLM.from_pretrained(model_dir).eval()
+        llama_step.pack_weights(model.llm)
         loop = _Loop(model, load_tokenizer(model_dir), capacity, conn, conn)
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which refuses to start
         conn.send_bytes(pickle.dumps(("error", f"{type(exc).__name__}: {exc}")))

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from medmllm.errors import InputError, MedmllmError
+from medmllm.serve import llama_step
 from medmllm.serve.decode import Row, RowParams, run_batch
 from medmllm.serve.errors import QueueFull, ServeError, invalid
 
@@ -151,6 +152,7 @@ class Engine:
             raise ServeError(500, f"max_batch, queue_size and prepare_concurrency must be >= 1, got {max_batch}, "
                                   f"{queue_size} and {prepare_concurrency}", "bad_config")
         self.model = model.eval()
+        llama_step.pack_weights(model.llm)              # CPU fp32 Llama/Qwen2: projections without repacking
         self.tokenizer = tokenizer
         self.model_id = model_id
         self.max_batch, self.queue_size = int(max_batch), int(queue_size)

