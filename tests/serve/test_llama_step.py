@@ -159,7 +159,8 @@ def test_packed_weights_give_the_library_logits_and_a_changed_weight_is_used_as_
         pytest.skip("no oneDNN in this torch build")
     n_linear = sum(type(m) is torch.nn.Linear for m in llm.modules())
     assert llama_step.pack_weights(llm) == n_linear
-    ref, got, _, _ = _one_step(llm)
+    assert llama_step.PACK_MIN_ROWS <= 5                               # the 5-row steps below use the packed copies
+    ref, got, _, _ = _one_step(llm, b=5)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
     embeds, positions = torch.randn(1, 7, 64), torch.arange(7)[None]
     from transformers.cache_utils import DynamicCache
@@ -170,12 +171,12 @@ def test_packed_weights_give_the_library_logits_and_a_changed_weight_is_used_as_
                                    atol=1e-5, rtol=1e-5)
     with torch.no_grad():
         llm.model.layers[0].mlp.up_proj.weight.mul_(3.0)
-    ref, got, _, _ = _one_step(llm)
+    ref, got, _, _ = _one_step(llm, b=5)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 
 def test_nothing_is_packed_over_the_memory_budget():
     llm = _llama()
     assert llama_step.pack_weights(llm, max_bytes=0) == 0
-    ref, got, _, _ = _one_step(llm)
+    ref, got, _, _ = _one_step(llm, b=5)
     assert torch.equal(got, ref)                                       # F.linear: bit for bit
