@@ -15,8 +15,9 @@ concatenates the whole cache every step); ``growing_vs_dynamic`` is the median o
 per-repeat tokens/s ratio (the two runs of a repeat see the same machine load).
 
 Two forwards, in alternating runs with the growing cache: ``written`` (the server's: the Llama LLM's decode step
-written out, :mod:`medmllm.serve.llama_step`) and ``library`` (``transformers``' forward); ``written_vs_library``
-is the median per-repeat tokens/s ratio.
+and prefill written out, :mod:`medmllm.serve.llama_step`, with the weights the engine packs for inputs of 4
+rows or more) and ``library`` (``transformers``' forward); ``written_vs_library`` is the median per-repeat
+tokens/s ratio.
 
 ``--compile`` repeats the steps with ``torch.compile(model.llm, dynamic=True)`` (needs a C++ compiler;
 the first call compiles for tens of seconds and is not timed).

@@ -7,13 +7,15 @@ same weights with the same formulas and fewer calls:
 
 * projections through ``F.linear`` on each ``nn.Linear``'s own weight and bias (read every step, so LoRA
   merges and loaded weights are seen; a module that is not a plain ``nn.Linear``, such as an unmerged
-  adapter, is called as it is);
+  adapter, is called as it is), or, after :func:`pack_weights` and for inputs of 4 rows or more, through a
+  oneDNN-packed copy of the weight;
 * RMSNorm (fp32 models) as the single ``F.rms_norm`` operator, which gives the library's values bit for bit;
 * rotary cos/sin looked up in a table made once by the model's own rotary embedding (for the rope types whose
   frequencies do not depend on the sequence: default, linear, llama3; the others are recomputed per step);
 * the cache's ``update`` called as the attention layer calls it.
 
-Its logits and cache match the library's forward (tested, bit for bit in fp32 without padding).
+Its logits and cache match the library's forward (tested; bit for bit in fp32 without padding and without
+packed weights, which change the rounding only).
 ``python bench/decode_step.py`` measures it against the library's forward. :func:`prefill` does the same for
 prompts without padding (the server's one-request prefills): 94 tokens of the bench model in 8.3 ms against
 9.0 ms for the library's forward, bit for bit the same logits and cache.
@@ -89,17 +91,18 @@ def _norm(module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _rotary(rotary, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin ``[B, 1, d]`` for ``positions [B, 1]``, as ``rotary(x, positions)`` gives them."""
+    """cos, sin ``[B, L, d]`` for ``positions [B, L]``, as ``rotary(x, positions)`` gives them."""
     if getattr(rotary, "rope_type", None) not in _STATIC_ROPE:
         return rotary(x, positions)
     need = int(positions.max()) + 1
     table = _tables.get(rotary)
-    if table is None or table[0] is not rotary.inv_freq or table[1].shape[0] < need or table[1].dtype != x.dtype:
+    if table is None or table[0] is not rotary.inv_freq or table[1].shape[0] < need or table[1].dtype != x.dtype \
+            or table[1].device != x.device:
         size = max(256, 1 << (need - 1).bit_length())
         cos, sin = rotary(x, torch.arange(size, device=x.device)[None])       # [1, size, d] each
         table = (rotary.inv_freq, cos[0], sin[0])
         _tables[rotary] = table
-    return table[1][positions], table[2][positions]                           # [B, 1, d] each
+    return table[1][positions], table[2][positions]                           # [B, L, d] each
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
