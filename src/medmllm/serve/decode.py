@@ -21,7 +21,8 @@ cache; the mask is passed only when the batch has padding), so a greedy row gets
   decode loop at 16 and 32 rows, 1.07x at 8 (``python bench/decode_step.py``).
 * a Llama or Qwen2 LLM decodes through :func:`medmllm.serve.llama_step.decode_step` (the same logits
   without the library's mask building and argument routing), and prompts without padding are prefilled
-  through :func:`medmllm.serve.llama_step.prefill` (the same logits and cache, bit for bit in fp32).
+  through :func:`medmllm.serve.llama_step.prefill` (the same logits and cache; bit for bit in fp32 unless
+  the weights are packed, :func:`medmllm.serve.llama_step.pack_weights`).
 
 Minimal change that would let ``model/generate.py`` serve this instead: an ``on_step(tokens [B],
 finished [B])`` callback and per-row ``temperature``/``top_p``/generators in ``_decode_loop``.

@@ -18,7 +18,7 @@ Its logits and cache match the library's forward (tested; bit for bit in fp32 wi
 packed weights, which change the rounding only).
 ``python bench/decode_step.py`` measures it against the library's forward. :func:`prefill` does the same for
 prompts without padding (the server's one-request prefills): 94 tokens of the bench model in 8.3 ms against
-9.0 ms for the library's forward, bit for bit the same logits and cache.
+9.0 ms for the library's forward, bit for bit the same logits and cache (weights not packed).
 
 Only plain architectures are taken (:func:`supports`): ``LlamaForCausalLM`` and ``Qwen2ForCausalLM``
 with full attention in every layer and a SiLU MLP. Anything else keeps the library's forward.
@@ -119,30 +119,9 @@ def decode_step(llm, ids: torch.Tensor, positions: torch.Tensor, attention: torc
     new position included) or None when no position is masked; ``cache`` a ``DynamicCache`` holding ``L``
     positions per layer, which grows by one (through each layer's ``update``).
     """
-    core = llm.model
-    b = ids.shape[0]
-    x = F.embedding(ids, core.embed_tokens.weight)[:, None]                     # [B, 1, H]
-    cos, sin = _rotary(core.rotary_emb, x, positions)                           # [B, 1, d] each
-    cos, sin = cos[:, None], sin[:, None]                                       # [B, 1, 1, d]
+    x = F.embedding(ids, llm.model.embed_tokens.weight)[:, None]               # [B, 1, H]
     mask = None if attention is None else attention.bool()[:, None, None, :]    # [B, 1, 1, L+1]
-    for i, layer in enumerate(core.layers):
-        attn, mlp = layer.self_attn, layer.mlp
-        h = _norm(layer.input_layernorm, x)                                     # [B, 1, H]
-        q = _linear(attn.q_proj, h).view(b, 1, -1, attn.head_dim).transpose(1, 2)   # [B, heads, 1, d]
-        k = _linear(attn.k_proj, h).view(b, 1, -1, attn.head_dim).transpose(1, 2)   # [B, kv_heads, 1, d]
-        v = _linear(attn.v_proj, h).view(b, 1, -1, attn.head_dim).transpose(1, 2)   # [B, kv_heads, 1, d]
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
-        keys, values = cache.layers[i].update(k, v)                             # [B, kv_heads, L+1, d]
-        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling,
-                                           enable_gqa=keys.shape[1] != q.shape[1])  # [B, heads, 1, d]
-        x = x + _linear(attn.o_proj, o.transpose(1, 2).reshape(b, 1, -1))       # [B, 1, H]
-        h = _norm(layer.post_attention_layernorm, x)
-        if type(mlp).__name__ in ("LlamaMLP", "Qwen2MLP"):                      # down(silu(gate(h)) * up(h))
-            x = x + _linear(mlp.down_proj, F.silu(_linear(mlp.gate_proj, h)) * _linear(mlp.up_proj, h))
-        else:
-            x = x + mlp(h)
-    return _linear(llm.lm_head, _norm(core.norm, x))[:, -1]                     # [B, V]
+    return _forward(llm, x, positions, mask, cache)
 
 
 @torch.inference_mode()
@@ -150,25 +129,31 @@ def prefill(llm, embeds: torch.Tensor, positions: torch.Tensor, cache) -> torch.
     """Run unpadded prompts ``embeds [B, L, H]`` (every position attended, causally) at ``positions [B, L]``
     into an empty ``DynamicCache`` built for ``llm`` (``DynamicCache(config=llm.config)``); returns the
     last position's logits ``[B, V]`` (the library's forward with ``logits_to_keep=1``)."""
+    return _forward(llm, embeds, positions, None, cache)
+
+
+def _forward(llm, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, cache) -> torch.Tensor:
+    """The decoder layers over new tokens ``x [B, T, H]`` at ``positions [B, T]``, appended to ``cache``; the
+    last position's logits ``[B, V]``. ``mask [B, 1, 1, L+T]`` (True = attend) or None: every position, causal
+    among the new tokens (T > 1 only into an empty cache)."""
     core = llm.model
-    b, n, _ = embeds.shape
-    x = embeds
-    cos, sin = _rotary(core.rotary_emb, x, positions)                          # [B, L, d] each
-    cos, sin = cos[:, None], sin[:, None]                                       # [B, 1, L, d]
+    b, n, _ = x.shape
+    cos, sin = _rotary(core.rotary_emb, x, positions)                           # [B, T, d] each
+    cos, sin = cos[:, None], sin[:, None]                                       # [B, 1, T, d]
     for i, layer in enumerate(core.layers):
         attn, mlp = layer.self_attn, layer.mlp
-        h = _norm(layer.input_layernorm, x)                                     # [B, L, H]
-        q = _linear(attn.q_proj, h).view(b, n, -1, attn.head_dim).transpose(1, 2)   # [B, heads, L, d]
-        k = _linear(attn.k_proj, h).view(b, n, -1, attn.head_dim).transpose(1, 2)   # [B, kv_heads, L, d]
-        v = _linear(attn.v_proj, h).view(b, n, -1, attn.head_dim).transpose(1, 2)   # [B, kv_heads, L, d]
+        h = _norm(layer.input_layernorm, x)                                     # [B, T, H]
+        q = _linear(attn.q_proj, h).view(b, n, -1, attn.head_dim).transpose(1, 2)   # [B, heads, T, d]
+        k = _linear(attn.k_proj, h).view(b, n, -1, attn.head_dim).transpose(1, 2)   # [B, kv_heads, T, d]
+        v = _linear(attn.v_proj, h).view(b, n, -1, attn.head_dim).transpose(1, 2)   # [B, kv_heads, T, d]
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
-        keys, values = cache.layers[i].update(k, v)                             # [B, kv_heads, L, d]
-        o = F.scaled_dot_product_attention(q, keys, values, is_causal=n > 1, scale=attn.scaling,
-                                           enable_gqa=keys.shape[1] != q.shape[1])  # [B, heads, L, d]
-        x = x + _linear(attn.o_proj, o.transpose(1, 2).reshape(b, n, -1))       # [B, L, H]
+        keys, values = cache.layers[i].update(k, v)                             # [B, kv_heads, L+T, d]
+        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=mask is None and n > 1,
+                                           scale=attn.scaling, enable_gqa=keys.shape[1] != q.shape[1])
+        x = x + _linear(attn.o_proj, o.transpose(1, 2).reshape(b, n, -1))       # [B, T, H]
         h = _norm(layer.post_attention_layernorm, x)
-        if type(mlp).__name__ in ("LlamaMLP", "Qwen2MLP"):
+        if type(mlp).__name__ in ("LlamaMLP", "Qwen2MLP"):                      # down(silu(gate(h)) * up(h))
             x = x + _linear(mlp.down_proj, F.silu(_linear(mlp.gate_proj, h)) * _linear(mlp.up_proj, h))
         else:
             x = x + mlp(h)
