@@ -179,3 +179,24 @@ def test_auto_decodes_in_a_child_where_it_can_and_here_where_it_cannot(model_dir
     assert not Engine(gemma, gtok, shapes=shapes, decode_process="auto", source=model_dir).decode_process
     with pytest.raises(ServeError, match="expected True, False or 'auto', got 'yes'"):
         Engine(model, tok, shapes=shapes, decode_process="yes")
+
+
+def test_auto_decodes_here_when_the_child_fails_to_start(engine, model_dir, shapes, image, monkeypatch):
+    from medmllm.serve.decode_process import DecodeProcess
+
+    def refuse(self, timeout=300.0):
+        raise ServeError(500, "the decode process could not load the model: test", "bad_config")
+
+    monkeypatch.setattr(DecodeProcess, "start", refuse)
+    with pytest.raises(ServeError, match="could not load"):
+        Engine.from_pretrained(model_dir, shapes=shapes, decode_process=True).start()
+    eng = Engine.from_pretrained(model_dir, shapes=shapes, decode_process="auto")
+    assert eng.decode_process
+    eng.start()
+    try:
+        assert not eng.decode_process and eng.alive
+        params = SamplingParams(max_tokens=6)
+        assert eng.complete(_msg("What is shown?", image), params).text == \
+            engine.complete(_msg("What is shown?", image), params).text
+    finally:
+        eng.close()

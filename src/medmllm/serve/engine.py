@@ -183,7 +183,8 @@ class Engine:
         self._handles: dict[str, Handle] = {}              # decode_process: submitted, not yet ended
         self._handles_lock = threading.Lock()
         self.decode_process = decode_process is True
-        if decode_process == "auto":
+        self._auto = decode_process == "auto"
+        if self._auto:
             try:
                 self._check_decode_process()
                 self.decode_process = True
@@ -214,15 +215,23 @@ class Engine:
     # ------------------------------------------------------------------ worker
 
     def start(self) -> "Engine":
-        """Start the worker thread, or the decode process (idempotent)."""
+        """Start the worker thread, or the decode process (idempotent). With ``decode_process="auto"``, a decode
+        process that fails to start is logged and the engine decodes in this process instead."""
         if self.decode_process:
             if self._proc is None:
                 import torch
 
                 from medmllm.serve.decode_process import DecodeProcess
 
-                self._proc = DecodeProcess(self.source, self.max_batch, torch.get_num_threads(), self._on_event,
-                                           self._on_exit, stats=self.stats).start()
+                try:
+                    self._proc = DecodeProcess(self.source, self.max_batch, torch.get_num_threads(), self._on_event,
+                                               self._on_exit, stats=self.stats).start()
+                except ServeError as exc:
+                    if not self._auto:
+                        raise
+                    log.warning("decoding in this process: %s", exc.message)
+                    self.decode_process = False
+                    return self.start()
                 atexit.register(self.close)
             return self
         if self._thread is None or not self._thread.is_alive():
