@@ -182,16 +182,15 @@ class Engine:
         self._proc = None                                  # the DecodeProcess, once started
         self._handles: dict[str, Handle] = {}              # decode_process: submitted, not yet ended
         self._handles_lock = threading.Lock()
-        self.decode_process = decode_process is True
-        self._auto = decode_process == "auto"
-        if self._auto:
+        self._auto, self.decode_process = decode_process == "auto", bool(decode_process)
+        if self.decode_process:
             try:
                 self._check_decode_process()
-                self.decode_process = True
             except ServeError as exc:
+                if not self._auto:
+                    raise
                 log.info("decoding in this process: %s", exc.message)
-        elif self.decode_process:
-            self._check_decode_process()
+                self.decode_process = False
 
     # ------------------------------------------------------------------ construction
 
