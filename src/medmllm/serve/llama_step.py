@@ -60,7 +60,6 @@ def _linear(module, x: torch.Tensor) -> torch.Tensor:
     return module(x)                                      # an adapter or another wrapper: its own forward
 
 
-
 def pack_weights(llm, max_bytes: int = PACK_MAX_BYTES) -> int:
     """Give the plain fp32 CPU ``nn.Linear`` s of a :func:`supports` LLM a copy of their weight in oneDNN's
     blocked layout, which :func:`decode_step` and :func:`prefill` then use. ``F.linear`` repacks the weight on
