@@ -88,6 +88,8 @@ def test_folder_loads_with_every_weight_and_the_mapped_config(exported):
     cfg = json.loads((out / "config.json").read_text())
     enc = model.encoders["image"]
     assert cfg["model_type"] == "llava" and cfg["image_token_index"] == tok.convert_tokens_to_ids("<image>")
+    # serving engines pick the model class from `architectures` (vLLM 0.32 served a pooling model without it)
+    assert cfg["architectures"] == ["LlavaForConditionalGeneration"]
     assert cfg["vision_feature_layer"] == enc.feature_layer == -2
     # CLIP has a CLS token that medmllm drops -> Llava's "default"; SigLIP has none -> "full"
     assert cfg["vision_feature_select_strategy"] == ("default" if tower == "clip" else "full")
@@ -146,6 +148,9 @@ def test_llava_processor_from_the_folder_prepares_the_same_inputs(exported):
     enc = proc(images=[img], text=[text], return_tensors="pt")
     image_id = tok.convert_tokens_to_ids("<image>")
     assert int((enc["input_ids"] == image_id).sum()) == model.num_tokens("image", (3, SIZE, SIZE))
+    # the token-count helper vLLM calls for models it runs through transformers (it reads crop_size)
+    counted = proc._get_num_multimodal_tokens(image_sizes=[[SIZE, SIZE], [3 * SIZE, 2 * SIZE]])
+    assert counted["num_image_tokens"] == [model.num_tokens("image", (3, SIZE, SIZE))] * 2
     # same pixels as medmllm's [0, 1] tensor of that image, and the same prompt ids as the collator
     pixels = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)   # [3, S, S]
     torch.testing.assert_close(enc["pixel_values"][0], pixels, atol=1e-6, rtol=0)

@@ -178,6 +178,7 @@ def llava_config(model, plan: LlavaPlan | None = None, image_size: int | None = 
         projector_hidden_act="gelu" if plan.projector_kind == "mlp" else "linear",
         multimodal_projector_bias=True, image_seq_length=model.num_tokens("image", (3, size, size)),
         tie_word_embeddings=plan.tied)
+    config.architectures = ["LlavaForConditionalGeneration"]   # without it vLLM 0.32 guesses a pooling model
     config.dtype = next(llm.parameters()).dtype
     return config
 
@@ -250,7 +251,9 @@ def default_image_processor(encoder, image_size: int | None = None):
     if config.model_type == "clip_vision_model":
         return cls(size={"shortest_edge": size}, crop_size={"height": size, "width": size}, do_center_crop=True,
                    **common)
-    return cls(size={"height": size, "width": size}, **common)
+    # SigLIP does not crop; crop_size = size is there for the token-count helper that reads it
+    # (LlavaProcessor._get_num_multimodal_tokens, which vLLM calls for models it runs through transformers)
+    return cls(size={"height": size, "width": size}, crop_size={"height": size, "width": size}, **common)
 
 
 def typed_chat_template(template: str) -> str:
