@@ -36,6 +36,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from statistics import median
 
 sys.path.insert(0, str(Path(__file__).parent))     # bench/train_throughput.py's builder
 
@@ -157,8 +158,10 @@ def endpoint_tokens(backend, record: dict, base_dir: Path, max_tokens: int) -> d
 
 
 def medmllm_tokens(model, tok, record: dict, base_dir: Path, forced: list[int], max_tokens: int) -> dict:
-    """medmllm's prompt token count and greedy token ids for ``record`` (one row, no padding), and the
-    log-probability medmllm gives each of the ``forced`` ids (the prompt followed by them, one forward)."""
+    """medmllm's prompt token count and greedy token ids for ``record`` (one row, no padding), the
+    log-probability medmllm gives each of the ``forced`` ids (the prompt followed by them, one forward),
+    and ``image_effect``: how far those log-probabilities move (max abs) when the images are blank (zeros)
+    -- the scale against which a vLLM difference in the image path would show."""
     import torch
 
     from medmllm.data.collate import MultimodalCollator
@@ -173,11 +176,14 @@ def medmllm_tokens(model, tok, record: dict, base_dir: Path, forced: list[int], 
     ids = torch.tensor([forced], dtype=batch["input_ids"].dtype)
     teacher = dict(batch, input_ids=torch.cat([batch["input_ids"], ids], 1),
                    attention_mask=torch.cat([batch["attention_mask"], torch.ones_like(ids)], 1), labels=None)
-    with torch.no_grad():
-        logits = model(**teacher).logits[0, -len(forced) - 1:-1].float()   # [T, V]: the logits before each id
-    logprobs = torch.log_softmax(logits, -1).gather(1, ids[0, :, None])[:, 0]
-    return {"prompt_tokens": n_prompt, "ids": greedy,
-            "logprobs": logprobs.tolist()}
+    blank = dict(teacher, modality_inputs={k: torch.zeros_like(v) for k, v in batch["modality_inputs"].items()})
+    lp = {}
+    for name, b in (("real", teacher), ("blank", blank)):
+        with torch.no_grad():
+            logits = model(**b).logits[0, -len(forced) - 1:-1].float()   # [T, V]: the logits before each id
+        lp[name] = torch.log_softmax(logits, -1).gather(1, ids[0, :, None])[:, 0]
+    return {"prompt_tokens": n_prompt, "ids": greedy, "logprobs": lp["real"].tolist(),
+            "image_effect": float((lp["real"] - lp["blank"]).abs().max())}
 
 
 def compare_tokens(ours: dict, theirs: dict, eos: set[int]) -> dict:
@@ -192,11 +198,14 @@ def compare_tokens(ours: dict, theirs: dict, eos: set[int]) -> dict:
     diffs = [abs(a - b) for a, b in zip(ours["logprobs"], theirs["logprobs"])]
     return {"prompt_tokens_equal": ours["prompt_tokens"] == theirs["prompt_tokens"],
             "ids_equal": ours["ids"] == theirs["ids"][:cut], "same_prefix": same_prefix,
-            "max_abs_logprob_diff": max(diffs) if diffs else 0.0}
+            "max_abs_logprob_diff": max(diffs) if diffs else 0.0, "image_effect": ours.get("image_effect")}
 
 
-def summarise(records: list[dict], ours: list[str | None], theirs: list[str | None], tokens: list[dict]) -> dict:
-    """Answer agreement, each side's exact-protocol accuracy, and the token-level figures over all records."""
+def summarise(records: list[dict], ours: list[str | None], theirs: list[str | None], tokens: list[dict],
+              blank: list[str | None] | None = None) -> dict:
+    """Answer agreement, each side's exact-protocol accuracy, the token-level figures over all records, and
+    how much the images matter to the model: the median ``image_effect`` and, given medmllm's answers with
+    blank images (``blank``), how many answers they change."""
     from medmllm.eval.protocols import score_all
 
     n = len(records)
@@ -204,6 +213,7 @@ def summarise(records: list[dict], ours: list[str | None], theirs: list[str | No
     acc = {name: round(score_all(answers, metas, ["exact"])["exact"]["overall"]["score"], 4)
            for name, answers in (("medmllm", ours), ("vllm", theirs))}
     diffs = [t["max_abs_logprob_diff"] for t in tokens]
+    effects = [t["image_effect"] for t in tokens if t.get("image_effect") is not None]
     return {"records": n,
             "answers_equal": sum(a == b and a is not None for a, b in zip(ours, theirs)),
             "answers_equal_share": round(sum(a == b and a is not None for a, b in zip(ours, theirs)) / n, 4),
@@ -211,7 +221,9 @@ def summarise(records: list[dict], ours: list[str | None], theirs: list[str | No
             "prompt_tokens_equal": sum(t["prompt_tokens_equal"] for t in tokens),
             "token_ids_equal": sum(t["ids_equal"] for t in tokens),
             "max_abs_logprob_diff": max(diffs) if diffs else None,
-            "median_abs_logprob_diff": sorted(diffs)[len(diffs) // 2] if diffs else None}
+            "median_abs_logprob_diff": sorted(diffs)[len(diffs) // 2] if diffs else None,
+            "median_image_effect": median(effects) if effects else None,
+            "answers_changed_by_blank_images": None if blank is None else sum(a != b for a, b in zip(ours, blank))}
 
 
 def main() -> None:
@@ -252,8 +264,10 @@ def main() -> None:
         records = read_records(test)[0][:args.limit]
         gen = {"max_new_tokens": args.max_tokens, "temperature": 0.0}
         t0 = time.perf_counter()
-        ours = InProcessBackend(model_dir, batch_size=16).answer(records, base, gen)
+        inprocess = InProcessBackend(model_dir, batch_size=16)
+        ours = inprocess.answer(records, base, gen)
         t_ours = time.perf_counter() - t0
+        blank = inprocess.answer(records, base, gen, ablation="blank")
         endpoint = OpenAIBackend(url, SERVED, concurrency=4)
         t0 = time.perf_counter()
         theirs = endpoint.answer(records, base, gen)
@@ -277,7 +291,7 @@ def main() -> None:
             proc.wait(timeout=60)
 
     # report -----------------------------------------------------------------
-    summary = summarise(records, ours, theirs, tokens)
+    summary = summarise(records, ours, theirs, tokens, blank)
     result = {"summary": summary,
               "model": {"folder": str(model_dir), "export": str(export_dir), "steps": args.steps,
                         "parameters": sum(p.numel() for p in model.parameters())},

@@ -63,6 +63,7 @@ def test_medmllm_tokens_match_transformers_llava_on_the_export(bench, xray, mode
     model, tok = MedMLLM.from_pretrained(model_dir).eval(), load_tokenizer(model_dir)
     ours = bench.medmllm_tokens(model, tok, record, base, forced=[5, 9, 40, 41], max_tokens=4)
     assert len(ours["ids"]) == 4                       # the bench model never ends its turn
+    assert ours["image_effect"] > 1e-3                 # blank images move the log-probabilities: the image counts
 
     llava, proc = LlavaForConditionalGeneration.from_pretrained(export).eval(), AutoProcessor.from_pretrained(export)
     content = record["messages"][0]["content"]
@@ -100,11 +101,11 @@ def test_endpoint_tokens_reads_vllm_token_ids(bench):
 
 
 def test_compare_tokens_cuts_at_end_of_turn_and_finds_the_first_difference(bench):
-    ours = {"prompt_tokens": 90, "ids": [4, 5, 6], "logprobs": [-0.1, -0.2, -0.3]}
+    ours = {"prompt_tokens": 90, "ids": [4, 5, 6], "logprobs": [-0.1, -0.2, -0.3], "image_effect": 0.2}
     same = bench.compare_tokens(ours, {"prompt_tokens": 90, "ids": [4, 5, 6, 1], "logprobs": [-0.1, -0.2, -0.35]},
                                 eos={1})
     assert same == {"prompt_tokens_equal": True, "ids_equal": True, "same_prefix": 3,
-                    "max_abs_logprob_diff": pytest.approx(0.05)}
+                    "max_abs_logprob_diff": pytest.approx(0.05), "image_effect": 0.2}
     other = bench.compare_tokens(ours, {"prompt_tokens": 91, "ids": [4, 7, 6], "logprobs": [-0.1, -0.2, -0.3]},
                                  eos={1})
     assert other["same_prefix"] == 1 and not other["ids_equal"] and not other["prompt_tokens_equal"]
@@ -112,9 +113,10 @@ def test_compare_tokens_cuts_at_end_of_turn_and_finds_the_first_difference(bench
 
 def test_summarise_counts_agreement_and_scores_each_side(bench):
     records = [{"meta": {"answer": "yes", "answer_type": "closed"}}, {"meta": {"answer": "no", "answer_type": "closed"}}]
-    tokens = [{"prompt_tokens_equal": True, "ids_equal": True, "max_abs_logprob_diff": 1e-6},
-              {"prompt_tokens_equal": True, "ids_equal": False, "max_abs_logprob_diff": 3e-6}]
-    s = bench.summarise(records, ["yes", "yes"], ["yes", "no"], tokens)
+    tokens = [{"prompt_tokens_equal": True, "ids_equal": True, "max_abs_logprob_diff": 1e-6, "image_effect": 0.1},
+              {"prompt_tokens_equal": True, "ids_equal": False, "max_abs_logprob_diff": 3e-6, "image_effect": 0.3}]
+    s = bench.summarise(records, ["yes", "yes"], ["yes", "no"], tokens, blank=["no", "yes"])
     assert s["answers_equal"] == 1 and s["answers_equal_share"] == 0.5
     assert s["exact_accuracy"] == {"medmllm": 0.5, "vllm": 1.0}
     assert s["token_ids_equal"] == 1 and s["max_abs_logprob_diff"] == 3e-6
+    assert s["median_image_effect"] == pytest.approx(0.2) and s["answers_changed_by_blank_images"] == 1
