@@ -214,14 +214,13 @@ def summarise(records: list[dict], ours: list[str | None], theirs: list[str | No
            for name, answers in (("medmllm", ours), ("vllm", theirs))}
     diffs = [t["max_abs_logprob_diff"] for t in tokens]
     effects = [t["image_effect"] for t in tokens if t.get("image_effect") is not None]
-    return {"records": n,
-            "answers_equal": sum(a == b and a is not None for a, b in zip(ours, theirs)),
-            "answers_equal_share": round(sum(a == b and a is not None for a, b in zip(ours, theirs)) / n, 4),
+    equal = sum(a == b and a is not None for a, b in zip(ours, theirs))
+    return {"records": n, "answers_equal": equal, "answers_equal_share": round(equal / n, 4),
             "exact_accuracy": acc,
             "prompt_tokens_equal": sum(t["prompt_tokens_equal"] for t in tokens),
             "token_ids_equal": sum(t["ids_equal"] for t in tokens),
             "max_abs_logprob_diff": max(diffs) if diffs else None,
-            "median_abs_logprob_diff": sorted(diffs)[len(diffs) // 2] if diffs else None,
+            "median_abs_logprob_diff": median(diffs) if diffs else None,
             "median_image_effect": median(effects) if effects else None,
             "answers_changed_by_blank_images": None if blank is None else sum(a != b for a, b in zip(ours, blank))}
 
