@@ -246,6 +246,8 @@ def main() -> None:
     from medmllm.data.records import read_records
     from medmllm.data.tokenizers import load_tokenizer
     from medmllm.eval.backends import InProcessBackend, OpenAIBackend
+    from medmllm.io import write_json
+    from medmllm.model.generate import eos_ids
     from medmllm.model.mllm import MedMLLM
 
     torch.manual_seed(0)
@@ -272,8 +274,7 @@ def main() -> None:
         theirs = endpoint.answer(records, base, gen)
         t_theirs = time.perf_counter() - t0
         model, tok = MedMLLM.from_pretrained(model_dir).eval(), load_tokenizer(model_dir)
-        eos = set(model.llm.config.eos_token_id if isinstance(model.llm.config.eos_token_id, list)
-                  else [model.llm.config.eos_token_id]) | {tok.eos_token_id}
+        eos = set(eos_ids(model, tok))
         tokens, examples = [], []
         for rec, a, b in zip(records, ours, theirs):
             v = endpoint_tokens(endpoint, rec, base, args.max_tokens)
@@ -299,10 +300,7 @@ def main() -> None:
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                           "cuda": torch.cuda.is_available()},
               "examples": examples}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, args.out)
+    write_json(args.out, result)
     print(json.dumps(summary, indent=2))
     print(f"wrote {args.out}")
     if not math.isfinite(summary["max_abs_logprob_diff"] or 0.0):

